@@ -1,0 +1,123 @@
+"""Typed settings of every pipeline stage.
+
+Defaults are the values of ``docs``/method.md (the paper plus the reference implementation).
+Every config is a frozen dataclass that round-trips through plain JSON, so it can be recorded
+next to every checkpoint and every output it produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, TypeVar
+
+T = TypeVar("T")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-serialisable dict of a (nested) config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
+    """Build ``cls`` from ``values``; unknown keys are an error so typos never pass silently."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} settings: {', '.join(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls, name, None)
+        # JSON turns tuples into lists; restore them so configs compare equal after a round trip.
+        if isinstance(value, list) and isinstance(default, tuple):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """A torchvision ResNet with output stride 16 (last downsampling stride set to 1)."""
+
+    arch: str = "resnet50"
+    # A torchvision weight enum name ("IMAGENET1K_V1"), a local .pth/.safetensors file, or None
+    # (random init: nothing can be downloaded on the build machines, so from-scratch must work).
+    weights: str | None = None
+    # Frozen BN (eval mode, no grads) as in the paper: per-GPU batches are small. Training from
+    # scratch needs batch statistics, so this can be turned off for the CAM stage.
+    frozen_batchnorm: bool = True
+    # Stages before this index are not trained (reference: stem, layer1, layer2 -> 3).
+    # 0 trains everything, which from-scratch training requires.
+    first_trainable_stage: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class CamTrainConfig:
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 0.1  # head; the backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # the reference passes weight decay here by mistake
+    poly_power: float = 0.9
+    crop_size: int = 512
+    rescale_long_side: tuple[int, int] = (320, 640)
+    hflip: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CamInferenceConfig:
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    # Raw-CAM semantic labels for evaluation: constant background score, then argmax.
+    eval_background_threshold: float = 0.15
+
+
+@dataclasses.dataclass(frozen=True)
+class RelationConfig:
+    """Inter-pixel relation mining (method.md section 2)."""
+
+    fg_threshold: float = 0.30
+    bg_threshold: float = 0.05
+    crf_gt_prob: float = 0.7
+    crf_iterations: int = 10
+    crf_gaussian_sxy: float = 3.0
+    crf_gaussian_compat: float = 3.0
+    crf_bilateral_sxy: float = 50.0
+    crf_bilateral_srgb: float = 5.0
+    crf_bilateral_compat: float = 10.0
+    # Pair radius gamma on the stride-4 grid during IRNet training (Eq. 2).
+    radius: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class IrnTrainConfig:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    # The displacement branch learns ten times faster (reference: lr 1.0 vs 0.1).
+    displacement_lr_scale: float = 10.0
+    crop_size: int = 512
+    rescale: tuple[float, float] = (0.9, 1.1)
+    hflip: bool = True
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+    """Label synthesis (method.md section 4)."""
+
+    radius: int = 5
+    beta: float = 10.0
+    steps: int = 256
+    # Semantic labels: constant background plane after dividing by the global max.
+    sem_background_threshold: float = 0.25
+    # Instance labels (Sec. 5.1-5.2, App. A.1).
+    ins_background_threshold: float = 0.25
+    displacement_iterations: int = 100
+    centroid_threshold: float = 2.5
+    min_instance_fraction: float = 0.01

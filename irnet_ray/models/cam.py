@@ -1,0 +1,122 @@
+"""The CAM network (classifier on the stride-16 backbone) and multi-scale CAM inference (Eq. 1)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irnet_ray.config import BackboneConfig, CamInferenceConfig
+from irnet_ray.models.backbone import Backbone
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or [0, 1] float RGB (N, 3, H, W) -> the backbone's ImageNet-normalised input."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+class CamNet(nn.Module):
+    """Backbone -> global average pooling -> 1x1 conv (no bias) -> one logit per class."""
+
+    def __init__(self, backbone_config: BackboneConfig, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.backbone = Backbone(backbone_config)
+        self.classifier = nn.Conv2d(self.backbone.channels[-1], num_classes, 1, bias=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Classification logits (N, C) for normalised images."""
+        features = self.backbone(images)[-1]
+        pooled = features.mean(dim=(2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def cams_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``relu(conv(features, W_c))`` for every class: (N, C, h/16, w/16)."""
+        return F.relu(F.conv2d(features, self.classifier.weight))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.classifier.parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+
+@dataclass
+class CamOutput:
+    """CAMs of the image's own classes, each divided by its own maximum."""
+
+    classes: torch.Tensor  # (K,) foreground class ids, 1-based
+    strided: torch.Tensor  # (K, ceil(H/4), ceil(W/4)): input of the random walk
+    highres: torch.Tensor  # (K, H, W): relation mining and CAM evaluation
+
+
+def strided_size(height: int, width: int, stride: int = 4) -> tuple[int, int]:
+    return math.ceil(height / stride), math.ceil(width / stride)
+
+
+@torch.no_grad()
+def multiscale_cams(
+    model: CamNet,
+    image: torch.Tensor,
+    classes: torch.Tensor,
+    config: CamInferenceConfig = CamInferenceConfig(),
+    scale_one_features: torch.Tensor | None = None,
+) -> CamOutput:
+    """Sum of per-scale (and flipped) CAMs at stride 4 and at full resolution, per-class normalised.
+
+    ``image``: normalised (3, H, W). ``classes``: 1-based class ids present in the image.
+    ``scale_one_features``: last-stage features of the unflipped image at scale 1.0 when the
+    caller already ran the backbone (the labeling job shares one pass with IRNet).
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    classes = torch.as_tensor(classes, dtype=torch.long, device=image.device).flatten()
+    if classes.numel() and (classes.min() < 1 or classes.max() > model.num_classes):
+        raise ValueError(f"class ids must be in 1..{model.num_classes}, got {classes.tolist()}")
+    height, width = image.shape[1:]
+    small = strided_size(height, width, 4)
+    # Upsample on the stride-16 grid padded up to a multiple of 16, then crop (as the reference).
+    padded = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
+    strided = image.new_zeros(model.num_classes, *small)
+    highres = image.new_zeros(model.num_classes, *padded)
+    for scale in config.scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        scaled = image[None] if size == (height, width) else F.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False
+        )
+        if scale == 1.0 and scale_one_features is not None:
+            cams = model.cams_from_features(scale_one_features)
+            if config.flip:
+                flipped = model.cams_from_features(model.backbone(scaled.flip(-1))[-1])
+                cams = cams + flipped.flip(-1)
+        else:
+            batch = torch.cat([scaled, scaled.flip(-1)]) if config.flip else scaled
+            per_view = model.cams_from_features(model.backbone(batch)[-1])
+            cams = per_view[:1] + per_view[1:].flip(-1) if config.flip else per_view
+        strided += F.interpolate(cams, small, mode="bilinear", align_corners=False)[0]
+        highres += F.interpolate(cams, padded, mode="bilinear", align_corners=False)[0]
+    index = classes - 1
+    strided = strided[index]
+    highres = highres[index, :height, :width]
+    strided = strided / (strided.amax(dim=(1, 2), keepdim=True) + 1e-5)
+    highres = highres / (highres.amax(dim=(1, 2), keepdim=True) + 1e-5)
+    return CamOutput(classes=classes, strided=strided, highres=highres)
+
+
+def cam_semantic_labels(highres: torch.Tensor, classes: torch.Tensor, background: float) -> torch.Tensor:
+    """Raw-CAM segmentation for evaluation: a constant background plane, then argmax."""
+    scores = F.pad(highres, (0, 0, 0, 0, 1, 0), value=background)
+    keys = F.pad(classes, (1, 0), value=0)
+    return keys[scores.argmax(dim=0)]

@@ -1,0 +1,1 @@
+"""Training loops as plain functions; the Ray Train wiring builds on them."""
