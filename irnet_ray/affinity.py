@@ -92,20 +92,32 @@ def boundary_to_affinity(boundary: torch.Tensor, index: PairIndex) -> torch.Tens
     map are meaningless and must be masked with :func:`pair_valid_mask`. Differentiable (the max
     passes its gradient to the strongest boundary pixel, the MIL view of Eq. 8).
     """
-    # Each distinct pixel offset is shifted once and shared by all paths through it.
+    # Each distinct pixel offset is shifted once and shared by all paths through it; paths of
+    # equal length are then reduced together with one gather and one max.
+    distinct, groups = _path_tables(index)
+    shifted = torch.stack([shift(boundary, dy, dx) for dy, dx in distinct], dim=-3)
+    height, width = boundary.shape[-2:]
+    strongest = boundary.new_empty(*boundary.shape[:-2], index.num_pairs, height, width)
+    for pairs, table in groups:
+        gathered = shifted.index_select(-3, table.to(boundary.device).flatten())
+        gathered = gathered.unflatten(-3, tuple(table.shape))  # (..., P_L, L, h, w)
+        strongest[..., pairs.to(boundary.device), :, :] = gathered.amax(dim=-3)
+    return 1.0 - strongest
+
+
+@functools.lru_cache(maxsize=None)
+def _path_tables(index: PairIndex) -> tuple[list[tuple[int, int]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Distinct path offsets, and per path length: (pair ids, (P_L, L) slots into them)."""
     distinct = sorted({k for path in index.paths for k in path})
     slot = {k: n for n, k in enumerate(distinct)}
-    shifted = torch.stack([shift(boundary, dy, dx) for dy, dx in distinct], dim=-3)
-    longest = max(len(path) for path in index.paths)
-    # Pad short paths with their own first pixel: repeating an element leaves a max unchanged.
-    table = torch.tensor(
-        [[slot[k] for k in path] + [slot[path[0]]] * (longest - len(path)) for path in index.paths],
-        device=boundary.device,
-    )
-    strongest = shifted.index_select(-3, table[:, 0])
-    for step in range(1, longest):
-        strongest = torch.maximum(strongest, shifted.index_select(-3, table[:, step]))
-    return 1.0 - strongest
+    by_length: dict[int, list[int]] = {}
+    for pair, path in enumerate(index.paths):
+        by_length.setdefault(len(path), []).append(pair)
+    groups = [
+        (torch.tensor(pairs), torch.tensor([[slot[k] for k in index.paths[p]] for p in pairs]))
+        for _, pairs in sorted(by_length.items())
+    ]
+    return distinct, groups
 
 
 @dataclass

@@ -55,7 +55,7 @@ def _demo_config(args) -> "DemoConfig":
     try:
         scales = tuple(float(s) for s in args.cam_scales.split(",") if s.strip())
     except ValueError:
-        raise SystemExit(f"irnet-ray demo: --cam-scales must be comma-separated numbers, got {args.cam_scales!r}")
+        raise ValueError(f"--cam-scales must be comma-separated numbers, got {args.cam_scales!r}") from None
     side = args.image_size
     return dataclasses.replace(
         defaults,
