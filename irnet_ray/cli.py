@@ -31,11 +31,19 @@ def _add_demo_parser(commands) -> None:
     parser.add_argument("--cam-epochs", type=int, default=defaults.cam_train.epochs)
     parser.add_argument("--cam-batch-size", type=int, default=defaults.cam_train.batch_size)
     parser.add_argument("--cam-lr", type=float, default=defaults.cam_train.lr)
+    parser.add_argument("--cam-backbone-lr-scale", type=float, default=defaults.cam_train.backbone_lr_scale)
+    parser.add_argument("--cam-crop", type=int, default=defaults.cam_train.crop_size, help="CAM training crop side")
+    parser.add_argument("--cam-long-side", default="%d,%d" % defaults.cam_train.rescale_long_side,
+                        help="CAM training: random long side range MIN,MAX before cropping")
     parser.add_argument("--cam-scales", default=",".join(str(s) for s in defaults.cam_inference.scales),
                         help="comma-separated CAM inference scales")
     parser.add_argument("--irn-epochs", type=int, default=defaults.irn_train.epochs)
     parser.add_argument("--irn-batch-size", type=int, default=defaults.irn_train.batch_size)
     parser.add_argument("--irn-lr", type=float, default=defaults.irn_train.lr)
+    parser.add_argument("--irn-crop", type=int, default=defaults.irn_train.crop_size, help="IRNet training crop side")
+    parser.add_argument("--irn-displacement-lr-scale", type=float, default=defaults.irn_train.displacement_lr_scale)
+    parser.add_argument("--pair-radius", type=int, default=defaults.relations.radius,
+                        help="radius of the training pairs on the stride-4 grid (gamma of Eq. 2)")
     parser.add_argument("--walk-steps", type=int, default=defaults.synthesis.steps, help="random walk iterations t")
     parser.add_argument("--beta", type=float, default=defaults.synthesis.beta)
     parser.add_argument("--sem-bg", type=float, default=defaults.synthesis.sem_background_threshold,
@@ -52,10 +60,10 @@ def _demo_config(args) -> "DemoConfig":
     from irnet_ray.demo import DemoConfig
 
     defaults = DemoConfig()
-    try:
-        scales = tuple(float(s) for s in args.cam_scales.split(",") if s.strip())
-    except ValueError:
-        raise ValueError(f"--cam-scales must be comma-separated numbers, got {args.cam_scales!r}") from None
+    scales = _numbers("--cam-scales", args.cam_scales, float)
+    long_side = _numbers("--cam-long-side", args.cam_long_side, int)
+    if len(long_side) != 2:
+        raise ValueError(f"--cam-long-side must be MIN,MAX, got {args.cam_long_side!r}")
     side = args.image_size
     return dataclasses.replace(
         defaults,
@@ -63,16 +71,25 @@ def _demo_config(args) -> "DemoConfig":
                                  num_classes=args.classes, seed=args.seed),
         backbone=dataclasses.replace(defaults.backbone, arch=args.arch, weights=args.weights),
         cam_train=dataclasses.replace(defaults.cam_train, epochs=args.cam_epochs, batch_size=args.cam_batch_size,
-                                      lr=args.cam_lr, seed=args.seed, crop_size=side,
-                                      rescale_long_side=(round(side * 0.875), round(side * 1.125))),
+                                      lr=args.cam_lr, backbone_lr_scale=args.cam_backbone_lr_scale, seed=args.seed,
+                                      crop_size=args.cam_crop, rescale_long_side=long_side),
         cam_inference=dataclasses.replace(defaults.cam_inference, scales=scales),
         irn_train=dataclasses.replace(defaults.irn_train, epochs=args.irn_epochs, batch_size=args.irn_batch_size,
-                                      lr=args.irn_lr, seed=args.seed, crop_size=side),
+                                      lr=args.irn_lr, seed=args.seed, crop_size=args.irn_crop,
+                                      displacement_lr_scale=args.irn_displacement_lr_scale),
+        relations=dataclasses.replace(defaults.relations, radius=args.pair_radius),
         synthesis=dataclasses.replace(defaults.synthesis, steps=args.walk_steps, beta=args.beta,
                                       sem_background_threshold=args.sem_bg, ins_background_threshold=args.ins_bg),
         device=args.device,
         threads=args.threads,
     )
+
+
+def _numbers(flag: str, text: str, kind: type) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
 def _run_demo(args) -> int:
