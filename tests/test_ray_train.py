@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from PIL import Image
 
@@ -36,8 +37,6 @@ from irnet_ray.train.ray_train import (
     train_cam_job,
     train_irn_job,
 )
-
-ray = pytest.importorskip("ray")
 
 BACKBONE = BackboneConfig(arch="resnet18", frozen_batchnorm=False, first_trainable_stage=0)
 CAM = CamTrainConfig(epochs=8, batch_size=6, lr=0.01, backbone_lr_scale=1.0, crop_size=64, rescale_long_side=(56, 64))
