@@ -659,19 +659,7 @@ def train_cam_job(
         "data": {"images": len(records), "fingerprint": _fingerprint(
             [(r.image_id, r.uri, list(r.classes)) for r in records])},
     }  # fmt: skip
-    _start(run, settings)
-    done = _model_if_complete(run, "cam", settings, train.epochs)
-    if done is not None:
-        return _done_summary("cam", run, done, started)
-
-    latest = _latest_state(run)
-    resumed_from = int(latest[1]["epochs_done"]) if latest else None
-    run_id = uuid.uuid4().hex[:12]
-    if latest and resumed_from >= train.epochs:
-        state, meta = _read_checkpoint(latest[0])
-        errors = list(meta.get("errors", []))
-        images = int(meta["history"][-1].get("images", 0)) if meta["history"] else 0
-    else:
+    def prepare(run_id: str) -> tuple[Any, int, list[dict], dict]:
         dataset = rd.decode_records(records, storage_options, max_side=max_side, num_cpus=decode_cpus)
         if cache_decoded:
             dataset, rows, errors = _materialize(dataset, "CAM training set")
@@ -690,16 +678,9 @@ def train_cam_job(
             "known_errors": errors[:_MAX_REPORTED_ERRORS],
             "debug": dict(debug or {}),
         }
-        result = _fit("cam", dataset, loop_config, scaling, run)
-        state, meta = _read_checkpoint(result.checkpoint)
-        if not cache_decoded:
-            errors = list(meta.get("errors", []))
-        images = rows - len(errors)
-    history = meta["history"]
-    extra = {"errors": errors, "images": images}
-    ckpt.save_model(run.model_uri, kind="cam", state_dict=state["model"], config=settings, vocabulary=vocabulary,
-                    metrics=history, extra=extra, options=run.storage_options)  # fmt: skip
-    return _summary("cam", run, run_id, history, resumed_from, train.epochs, errors, images, started, {})
+        return dataset, rows, errors, loop_config
+
+    return _run_job("cam", run, settings, train.epochs, vocabulary, scaling, cache_decoded, prepare, started)
 
 
 def train_irn_job(
@@ -743,19 +724,7 @@ def train_irn_job(
         "vocabulary": list(vocabulary.names),
         "max_side": max_side,
     }
-    _start(run, settings)
-    done = _model_if_complete(run, "irn", settings, irn.epochs)
-    if done is not None:
-        return _done_summary("irn", run, done, started)
-
-    latest = _latest_state(run)
-    resumed_from = int(latest[1]["epochs_done"]) if latest else None
-    run_id = uuid.uuid4().hex[:12]
-    if latest and resumed_from >= irn.epochs:
-        state, meta = _read_checkpoint(latest[0])
-        errors = list(meta.get("errors", []))
-        images = int(meta["history"][-1].get("images", 0)) if meta["history"] else 0
-    else:
+    def prepare(run_id: str) -> tuple[Any, int, list[dict], dict]:
         count = labels_ds.count()
         if count == 0:
             raise ValueError(f"the IR label Parquet at {ir_label_uri} has no rows")
@@ -778,18 +747,43 @@ def train_irn_job(
             "known_errors": errors[:_MAX_REPORTED_ERRORS],
             "debug": dict(debug or {}),
         }
-        result = _fit("irn", dataset, loop_config, scaling, run)
+        return dataset, rows, errors, loop_config
+
+    return _run_job("irn", run, settings, irn.epochs, vocabulary, scaling, cache_decoded, prepare, started)
+
+
+def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, vocabulary: ClassVocabulary,
+             scaling: ScalingOptions, cache_decoded: bool, prepare, started: float) -> dict:
+    """The driver flow both stages share: return a finished run's model, or resume/train it
+    (``prepare(run_id)`` builds the dataset and the loop config only when training is needed),
+    then write the final model next to the run state."""
+    _start(run, settings)
+    done = _model_if_complete(run, kind, settings, epochs)
+    if done is not None:
+        return _done_summary(kind, run, done, started)
+
+    latest = _latest_state(run)
+    resumed_from = int(latest[1]["epochs_done"]) if latest else None
+    run_id = uuid.uuid4().hex[:12]
+    if latest and resumed_from >= epochs:
+        state, meta = _read_checkpoint(latest[0])
+        errors = list(meta.get("errors", []))
+        images = int(meta["history"][-1].get("images", 0)) if meta["history"] else 0
+    else:
+        dataset, rows, errors, loop_config = prepare(run_id)
+        result = _fit(kind, dataset, loop_config, scaling, run)
         state, meta = _read_checkpoint(result.checkpoint)
         if not cache_decoded:
             errors = list(meta.get("errors", []))
         images = rows - len(errors)
     history = meta["history"]
-    mean = [float(v) for v in state["model"]["mean_displacement"]]
     extra = {"errors": errors, "images": images}
-    ckpt.save_model(run.model_uri, kind="irn", state_dict=state["model"], config=settings, vocabulary=vocabulary,
+    ckpt.save_model(run.model_uri, kind=kind, state_dict=state["model"], config=settings, vocabulary=vocabulary,
                     metrics=history, extra=extra, options=run.storage_options)  # fmt: skip
-    return _summary("irn", run, run_id, history, resumed_from, irn.epochs, errors, images, started,
-                    {"mean_displacement": mean})  # fmt: skip
+    summary_extra = {}
+    if kind == "irn":
+        summary_extra["mean_displacement"] = [float(v) for v in state["model"]["mean_displacement"]]
+    return _summary(kind, run, run_id, history, resumed_from, epochs, errors, images, started, summary_extra)
 
 
 def _done_summary(kind: str, run: RunOptions, meta: dict, started: float) -> dict:
