@@ -659,28 +659,17 @@ def train_cam_job(
         "data": {"images": len(records), "fingerprint": _fingerprint(
             [(r.image_id, r.uri, list(r.classes)) for r in records])},
     }  # fmt: skip
-    def prepare(run_id: str) -> tuple[Any, int, list[dict], dict]:
+    def prepare() -> tuple[Any, int, dict]:
         dataset = rd.decode_records(records, storage_options, max_side=max_side, num_cpus=decode_cpus)
-        if cache_decoded:
-            dataset, rows, errors = _materialize(dataset, "CAM training set")
-        else:
-            rows, errors = len(records), []
-        steps = _steps_per_epoch(rows, train.batch_size, scaling.num_workers)
         loop_config = {
-            "kind": "cam",
-            "run_id": run_id,
             "backbone": config_to_dict(backbone),
             "train": config_to_dict(train),
             "num_classes": vocabulary.num_classes,
-            "total_steps": steps * train.epochs,
-            "torch_threads": scaling.torch_threads,
-            "collect_errors": not cache_decoded,
-            "known_errors": errors[:_MAX_REPORTED_ERRORS],
-            "debug": dict(debug or {}),
         }
-        return dataset, rows, errors, loop_config
+        return dataset, len(records), loop_config
 
-    return _run_job("cam", run, settings, train.epochs, vocabulary, scaling, cache_decoded, prepare, started)
+    return _run_job("cam", run, settings, train.epochs, train.batch_size, vocabulary, scaling, cache_decoded,
+                    debug, prepare, started)  # fmt: skip
 
 
 def train_irn_job(
@@ -724,39 +713,28 @@ def train_irn_job(
         "vocabulary": list(vocabulary.names),
         "max_side": max_side,
     }
-    def prepare(run_id: str) -> tuple[Any, int, list[dict], dict]:
+    def prepare() -> tuple[Any, int, dict]:
         count = labels_ds.count()
         if count == 0:
             raise ValueError(f"the IR label Parquet at {ir_label_uri} has no rows")
         dataset = rd.decode_ir_labels(labels_ds, storage_options, max_side=max_side, num_cpus=decode_cpus)
-        if cache_decoded:
-            dataset, rows, errors = _materialize(dataset, "IRNet training set")
-        else:
-            rows, errors = count, []
-        steps = _steps_per_epoch(rows, irn.batch_size, scaling.num_workers)
         loop_config = {
-            "kind": "irn",
-            "run_id": run_id,
             "train": config_to_dict(irn),
             "relations": config_to_dict(relations),
             "cam_model": cam_model_uri,
             "storage_options": dataclasses.asdict(storage_options),
-            "total_steps": steps * irn.epochs,
-            "torch_threads": scaling.torch_threads,
-            "collect_errors": not cache_decoded,
-            "known_errors": errors[:_MAX_REPORTED_ERRORS],
-            "debug": dict(debug or {}),
         }
-        return dataset, rows, errors, loop_config
+        return dataset, count, loop_config
 
-    return _run_job("irn", run, settings, irn.epochs, vocabulary, scaling, cache_decoded, prepare, started)
+    return _run_job("irn", run, settings, irn.epochs, irn.batch_size, vocabulary, scaling, cache_decoded,
+                    debug, prepare, started)  # fmt: skip
 
 
-def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, vocabulary: ClassVocabulary,
-             scaling: ScalingOptions, cache_decoded: bool, prepare, started: float) -> dict:
+def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size: int, vocabulary: ClassVocabulary,
+             scaling: ScalingOptions, cache_decoded: bool, debug: dict | None, prepare, started: float) -> dict:
     """The driver flow both stages share: return a finished run's model, or resume/train it
-    (``prepare(run_id)`` builds the dataset and the loop config only when training is needed),
-    then write the final model next to the run state."""
+    (``prepare()`` builds the lazy dataset, its row count and the stage's own loop settings, only
+    when training is needed), then write the final model next to the run state."""
     _start(run, settings)
     done = _model_if_complete(run, kind, settings, epochs)
     if done is not None:
@@ -770,7 +748,21 @@ def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, vocabulary
         errors = list(meta.get("errors", []))
         images = int(meta["history"][-1].get("images", 0)) if meta["history"] else 0
     else:
-        dataset, rows, errors, loop_config = prepare(run_id)
+        dataset, rows, loop_config = prepare()
+        errors: list[dict] = []
+        if cache_decoded:
+            what = "CAM training set" if kind == "cam" else "IRNet training set"
+            dataset, rows, errors = _materialize(dataset, what)
+        steps = _steps_per_epoch(rows, batch_size, scaling.num_workers)
+        loop_config.update({
+            "kind": kind,
+            "run_id": run_id,
+            "total_steps": steps * epochs,
+            "torch_threads": scaling.torch_threads,
+            "collect_errors": not cache_decoded,
+            "known_errors": errors[:_MAX_REPORTED_ERRORS],
+            "debug": dict(debug or {}),
+        })  # fmt: skip
         result = _fit(kind, dataset, loop_config, scaling, run)
         state, meta = _read_checkpoint(result.checkpoint)
         if not cache_decoded:
