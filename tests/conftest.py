@@ -99,3 +99,37 @@ def s3_denied_credentials(s3_server, s3_env, s3_client, monkeypatch):
         yield key["SecretAccessKey"]
     finally:
         set_moto_auth(s3_server, False)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """Local Ray; the fake AWS settings of ``conftest.s3_env`` are in the environment when Ray
+    starts, so every Ray worker (decode tasks, train workers, the controller) inherits them."""
+    fake_home = tmp_path_factory.mktemp("aws")
+    env = {
+        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+        "AWS_DEFAULT_REGION": FAKE_REGION,
+        "AWS_REGION": FAKE_REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(fake_home / "config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(fake_home / "credentials"),
+        # The Train controller polls workers for reports every 2 s by default; polling faster
+        # shortens every run (each fit waits for polls) and the worker-kill hook's delay.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    }
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(var, raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        if ray.is_initialized():  # another module's cluster: start ours with these settings
+            ray.shutdown()
+        ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
+                 log_to_driver=False)  # fmt: skip
+        try:
+            yield
+        finally:
+            ray.shutdown()

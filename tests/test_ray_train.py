@@ -18,11 +18,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
-from conftest import FAKE_ACCESS_KEY, FAKE_REGION, FAKE_SECRET_KEY
+from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from irnet_ray.config import BackboneConfig, CamTrainConfig, IrnTrainConfig, RelationConfig
 from irnet_ray.data.decode import encode_png
 from irnet_ray.data.sources import ImageRecord, load_synthetic, synthetic_records
@@ -45,38 +44,6 @@ RELATIONS = RelationConfig(radius=5)
 TWO = ScalingOptions(num_workers=2, cpus_per_worker=0.5)
 ONE = ScalingOptions(num_workers=1, cpus_per_worker=0.5)
 DATA = SyntheticConfig(num_images=24, image_size=(64, 64), num_classes=2)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """Local Ray; the fake AWS settings of ``conftest.s3_env`` are in the environment when Ray
-    starts, so every Ray worker (decode tasks, train workers, the controller) inherits them."""
-    fake_home = tmp_path_factory.mktemp("aws")
-    env = {
-        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
-        "AWS_DEFAULT_REGION": FAKE_REGION,
-        "AWS_REGION": FAKE_REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": str(fake_home / "config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(fake_home / "credentials"),
-        # The Train controller polls workers for reports every 2 s by default; polling faster
-        # shortens every run (each fit waits for polls) and the worker-kill hook's delay.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(var, raising=False)
-        for key, value in env.items():
-            mp.setenv(key, value)
-        if ray.is_initialized():  # another module's cluster: start ours with these settings
-            ray.shutdown()
-        ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 log_to_driver=False)  # fmt: skip
-        try:
-            yield
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

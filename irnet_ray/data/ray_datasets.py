@@ -40,6 +40,9 @@ only this table and decodes the image in the same map, so no join is needed.
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -55,6 +58,7 @@ from .storage import (
     StorageOptions,
     StorageUnreachable,
     exists,
+    join,
     read_bytes,
     resolve,
 )
@@ -75,9 +79,15 @@ __all__ = [
     "load_image",
     "downscale",
     "error_text",
+    "records_fingerprint",
+    "summarize_errors",
 ]
 
 IR_LABEL_COLUMNS = ("image_id", "uri", "classes", "ir_labels_png")
+#: Written by the relation-mining job when every file of its output is in place (the files it
+#: lists are the output), and when it starts (a folder with only this one is unfinished).
+IR_LABEL_MANIFEST = "_manifest.json"
+IR_LABEL_STARTED = "_mining_started.json"
 DECODED_COLUMNS = ("image_id", "image", "height", "width", "classes", "error")
 #: CPUs reserved by each decode task: small, so decoding never starves training workers on a
 #: 2-core machine (and many decode tasks can run next to them on a big one).
@@ -107,6 +117,19 @@ def error_text(exc: BaseException) -> str:
         reason = "error"
     message = " ".join(str(exc).split()) or type(exc).__name__
     return f"{reason}: {message}"
+
+
+def records_fingerprint(records: Sequence[ImageRecord]) -> str:
+    """A short hash of a set's (image id, URI, classes): reruns on another set are told apart."""
+    rows = [(r.image_id, r.uri, list(r.classes)) for r in records]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def summarize_errors(errors: Sequence[dict]) -> str:
+    """``{reason: count} (e.g. id: message; ...)`` of per-image error entries."""
+    reasons = collections.Counter(str(e["error"]).split(":", 1)[0] for e in errors)
+    examples = "; ".join(f"{e['image_id']}: {e['error']}" for e in list(errors)[:3])
+    return f"{dict(reasons)} (e.g. {examples})"
 
 
 def load_image(uri: str, options: StorageOptions, max_pixels: int = 50_000_000) -> np.ndarray:
@@ -281,6 +304,7 @@ def ir_label_dataset(uri: str | Iterable[str], options: StorageOptions = Storage
     uris = [uri] if isinstance(uri, str) else list(uri)
     if not uris:
         raise ValueError("no IR label Parquet given")
+    uris = [file for item in uris for file in _committed_files(item, options)]
     paths, filesystem = [], None
     for item in uris:
         if not exists(item, options):
@@ -290,6 +314,23 @@ def ir_label_dataset(uri: str | Iterable[str], options: StorageOptions = Storage
     ds = ray.data.read_parquet(paths if len(paths) > 1 else paths[0], filesystem=filesystem)
     check_ir_label_schema(ds, ", ".join(uris))
     return ds.select_columns(list(IR_LABEL_COLUMNS))
+
+
+def _committed_files(uri: str, options: StorageOptions) -> list[str]:
+    """The files of a relation-mining output folder (as its manifest lists them), or ``[uri]``
+    for plain Parquet; a mining output without a manifest never finished and is refused."""
+    manifest = join(uri, IR_LABEL_MANIFEST)
+    if not uri.endswith(".parquet") and exists(manifest, options):
+        files = json.loads(read_bytes(manifest, options)).get("files", [])
+        if not files:
+            raise ValueError(f"the relation-mining output {uri} lists no IR label files")
+        return list(files)
+    if exists(join(uri, IR_LABEL_STARTED), options):
+        raise ValueError(
+            f"relation mining into {uri} did not finish (no {IR_LABEL_MANIFEST}); rerun mine-relations "
+            f"with the same output to complete it"
+        )
+    return [uri]
 
 
 def check_ir_label_schema(ds: "ray.data.Dataset", uri: str) -> None:

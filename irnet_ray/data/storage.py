@@ -46,6 +46,7 @@ __all__ = [
     "read_bytes",
     "write_bytes",
     "exists",
+    "delete_file",
     "list_files",
     "join",
     "parent",
@@ -429,6 +430,24 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     with _translating(uri, options):
         info = fs.get_file_info(path)
     return info.type != pafs.FileType.NotFound
+
+
+def delete_file(uri: str, options: StorageOptions = StorageOptions()) -> bool:
+    """Delete one file or object; returns whether it existed (a missing file is not an error)."""
+    uri = os.fspath(uri)
+    scheme = _check_uri(uri)
+    with _translating(uri, options):
+        if scheme == "s3":
+            fs, path = resolve(uri, options)
+            if fs.get_file_info(path).type != pafs.FileType.File:
+                return False
+            fs.delete_file(path)
+            return True
+        try:
+            os.unlink(_local_path(uri))
+        except FileNotFoundError:
+            return False
+        return True
 
 
 def list_files(

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -201,11 +200,12 @@ def ensure_ray(
 ) -> None:
     """Connect to ``address`` (a running cluster), or start a local Ray with a small object store.
 
-    Does nothing when Ray is already initialised. Token authentication stays as Ray sets it:
+    Does nothing when Ray is already initialised. ``address`` defaults to ``RAY_ADDRESS``. Token authentication stays as Ray sets it:
     only job-submission clients need tokens, ``ray.init`` of a local cluster does not.
     """
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
     if address:
         ray.init(address=address)
         return
@@ -471,10 +471,6 @@ def train_loop_per_worker(config: dict) -> None:
 # driver side
 
 
-def _fingerprint(rows: Sequence[Any]) -> str:
-    return hashlib.sha256(json.dumps(list(rows), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
@@ -531,18 +527,12 @@ def _model_if_complete(run: RunOptions, kind: str, settings: dict, epochs: int) 
     return meta if len(meta.get("metrics", [])) >= epochs else None
 
 
-def _error_summary(errors: list[dict]) -> str:
-    reasons = collections.Counter(e["error"].split(":", 1)[0] for e in errors)
-    examples = "; ".join(f"{e['image_id']}: {e['error']}" for e in errors[:3])
-    return f"{dict(reasons)} (e.g. {examples})"
-
-
 def _materialize(ds, what: str) -> tuple[Any, int, list[dict]]:
     ds = ds.materialize()
     rows = ds.select_columns(["image_id", "error"]).take_all()
     errors = [{"image_id": str(r["image_id"]), "error": str(r["error"])} for r in rows if r["error"]]
     if rows and len(errors) == len(rows):
-        message = f"every image of the {what} failed to load ({len(rows)} of {len(rows)}): {_error_summary(errors)}"
+        message = f"every image of the {what} failed to load ({len(rows)} of {len(rows)}): {rd.summarize_errors(errors)}"
         if all(e["error"].startswith("unreachable:") for e in errors):
             raise StorageUnreachable(message)
         raise ValueError(message)
@@ -613,8 +603,8 @@ def _read_checkpoint(checkpoint) -> tuple[dict, dict]:
 
 
 def _start(run: RunOptions, settings: dict) -> None:
+    _check_run_record(run, settings)  # probes the storage first: a wrong endpoint fails in seconds
     ensure_ray()
-    _check_run_record(run, settings)
 
 
 def train_cam_job(
@@ -656,8 +646,7 @@ def train_cam_job(
         "train": config_to_dict(train),
         "vocabulary": list(vocabulary.names),
         "max_side": max_side,
-        "data": {"images": len(records), "fingerprint": _fingerprint(
-            [(r.image_id, r.uri, list(r.classes)) for r in records])},
+        "data": {"images": len(records), "fingerprint": rd.records_fingerprint(records)},
     }  # fmt: skip
     def prepare() -> tuple[Any, int, dict]:
         dataset = rd.decode_records(records, storage_options, max_side=max_side, num_cpus=decode_cpus)
