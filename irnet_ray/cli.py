@@ -52,6 +52,15 @@ def _add_demo_parser(commands) -> None:
                         help="background score of the propagated instance maps")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads (0: default)")
+    parser.add_argument("--train-workers", type=int, default=defaults.train_workers, help="Ray Train workers")
+    parser.add_argument("--label-actors", type=int, default=defaults.label_actors, help="labeling actors at most")
+    parser.add_argument("--panels", type=int, default=defaults.panels, help="Fig. 6 panels of the first images")
+    parser.add_argument("--workdir", default="runs/demo",
+                        help="models, IR labels, pseudo masks and panels go under WORKDIR/<settings id>/; "
+                             "a rerun with the same settings resumes")
+    parser.add_argument("--output", default=None,
+                        help="where the Parquet pseudo masks go (default WORKDIR/<settings id>/labels; local or s3://)")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// outputs")
     parser.add_argument("--report", default=None, help="also write the figures as JSON to this file")
     parser.set_defaults(handler=_run_demo)
 
@@ -82,6 +91,9 @@ def _demo_config(args) -> "DemoConfig":
                                       sem_background_threshold=args.sem_bg, ins_background_threshold=args.ins_bg),
         device=args.device,
         threads=args.threads,
+        train_workers=args.train_workers,
+        label_actors=args.label_actors,
+        panels=args.panels,
     )
 
 
@@ -100,11 +112,455 @@ def _run_demo(args) -> int:
     except ValueError as error:
         print(f"irnet-ray demo: {error}", file=sys.stderr)
         return 2
-    report = run_demo(config)
-    if args.report:
-        write_report(report, args.report)
-        print(f"report written to {args.report}")
+    from irnet_ray.data.storage import StorageOptions
+
+    def job() -> int:
+        report = run_demo(config, workdir=args.workdir, output=args.output,
+                          storage_options=StorageOptions(endpoint_url=args.endpoint_url))  # fmt: skip
+        if args.report:
+            write_report(report, args.report)
+            print(f"report written to {args.report}")
+        return 0
+
+    return _run_job("demo", args, job)
+
+
+def _add_visualize_parser(commands) -> None:
+    from irnet_ray.config import SynthesisConfig
+    from irnet_ray.visualize import DEFAULT_LIMIT, DEFAULT_MAX_SIDE, FIGURE_NAME
+
+    walk = SynthesisConfig()
+    parser = commands.add_parser(
+        "visualize",
+        help="write Fig. 6 panels (image, CAM, displacement, boundary, instances, semantic) as PNGs",
+        description=(
+            "Run the trained CAM and IRNet models on chosen images and write one PNG row per image "
+            f"plus {FIGURE_NAME} with all rows to a local folder or s3:// prefix."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", required=True, help="image set: builtin:..., manifest, folder, voc:... or URI")
+    parser.add_argument("--cam", default=None, help="CAM model folder (default: the one the IRNet model names)")
+    parser.add_argument("--irn", required=True, help="IRNet model folder")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the PNGs")
+    parser.add_argument("--ids", default=None, help="comma-separated image ids (default: the first --limit images)")
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="images shown when --ids is not given")
+    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="downscale images to this long side")
+    parser.add_argument("--walk-steps", type=int, default=walk.steps, help="random walk iterations t")
+    parser.add_argument("--displacement-iterations", type=int, default=walk.displacement_iterations)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint, e.g. http://localhost:9000")
+
+    def run(args) -> int:
+        from irnet_ray.data.storage import StorageOptions
+        from irnet_ray.visualize import visualize_images
+
+        try:
+            written = visualize_images(
+                args.images, args.cam, args.irn, args.output,
+                image_ids=[i.strip() for i in args.ids.split(",") if i.strip()] if args.ids else None,
+                limit=args.limit, max_side=args.max_side, device=args.device,
+                storage_options=StorageOptions(endpoint_url=args.endpoint_url),
+                synthesis_config=dataclasses.replace(
+                    walk, steps=args.walk_steps, displacement_iterations=args.displacement_iterations
+                ),
+            )  # fmt: skip
+        except _user_errors() as error:
+            return _fail("visualize", error)
+        print(f"{len(written) - 1} panel(s) written; all rows in {written[-1]}")
+        return 0
+
+    parser.set_defaults(handler=run)
+
+
+# --------------------------------------------------------------------------------------
+# shared flags of the distributed commands
+
+def _user_errors() -> tuple:
+    from irnet_ray.data.storage import StorageError
+
+    return (ValueError, TypeError, StorageError, OSError)
+
+
+def _fail(command: str, error: BaseException) -> int:
+    """A user mistake: one line on stderr, exit status 2, no traceback."""
+    print(f"irnet-ray {command}: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+    return 2
+
+
+def _add_storage_flags(parser) -> None:
+    group = parser.add_argument_group("storage and cluster")
+    group.add_argument("--endpoint-url", default=None,
+                       help="S3-compatible endpoint (e.g. http://minio:9000); credentials come from the AWS chain")
+    group.add_argument("--region", default=None, help="S3 region (default: the AWS chain)")
+    group.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join (default: the job's cluster under `ray job submit`, else a local one)")
+    group.add_argument("--summary", default=None, help="also write the job summary as JSON to this local file")
+
+
+def _add_worker_flags(parser, defaults_workers: int = 1) -> None:
+    group = parser.add_argument_group("Ray Train workers")
+    group.add_argument("--num-workers", type=int, default=defaults_workers, help="training workers (DDP)")
+    group.add_argument("--gpus-per-worker", type=float, default=None,
+                       help="GPUs per worker; 0 trains on CPU (default: 1 when the cluster has GPUs, else 0)")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (may be fractional)")
+    group.add_argument("--max-failures", type=int, default=2,
+                       help="worker-group restarts from the last checkpoint before the run fails (-1: no limit)")
+    group.add_argument("--stream", action="store_true",
+                       help="decode the images every epoch instead of once (for sets larger than the object store)")
+
+
+def _storage_options(args):
+    from irnet_ray.data.storage import StorageOptions
+
+    return StorageOptions(endpoint_url=args.endpoint_url, region=args.region)
+
+
+def _connect(args) -> None:
+    from irnet_ray.train.ray_train import ensure_ray
+
+    ensure_ray(address=args.ray_address)
+
+
+def _gpus(requested: float | None) -> float:
+    if requested is not None:
+        return float(requested)
+    import ray
+
+    return 1.0 if float(ray.cluster_resources().get("GPU", 0)) > 0 else 0.0
+
+
+def _scaling(args):
+    from irnet_ray.train.ray_train import ScalingOptions
+
+    gpus = _gpus(args.gpus_per_worker)
+    return ScalingOptions(num_workers=args.num_workers, use_gpu=gpus > 0, cpus_per_worker=args.cpus_per_worker,
+                          gpus_per_worker=gpus or 1.0)  # fmt: skip
+
+
+def _run_options(args):
+    """The run's storage, probed before Ray starts: a wrong endpoint or bucket fails in seconds."""
+    from irnet_ray.data.storage import exists
+    from irnet_ray.train.ray_train import RunOptions
+
+    run = RunOptions(args.run_name, args.storage, storage_options=_storage_options(args),
+                     max_failures=args.max_failures)  # fmt: skip
+    exists(run.run_uri, run.storage_options)
+    return run
+
+
+def _load_image_set(args):
+    from irnet_ray.data.sources import ClassVocabulary, load_records
+
+    vocabulary = None
+    if getattr(args, "vocabulary", None):
+        from irnet_ray.data.storage import read_bytes
+
+        vocabulary = ClassVocabulary.from_json(read_bytes(args.vocabulary, _storage_options(args)))
+    records, vocabulary = load_records(args.images, _storage_options(args), vocabulary)
+    return records, vocabulary
+
+
+def _finish(command: str, summary: dict, args, lines: list[str]) -> int:
+    import json
+
+    for line in lines:
+        print(line)
+    if args.summary:
+        from pathlib import Path
+
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        print(f"summary written to {args.summary}")
     return 0
+
+
+def _error_lines(errors: list[dict]) -> list[str]:
+    if not errors:
+        return []
+    from irnet_ray.data.ray_datasets import summarize_errors
+
+    return [f"  {len(errors)} image(s) could not be used: {summarize_errors(errors)}"]
+
+
+def _run_job(command: str, args, job) -> int:
+    """Run ``job()``; user mistakes become one line and status 2, failed training status 1."""
+    from irnet_ray.train.ray_train import TrainingJobError
+
+    try:
+        return job()
+    except TrainingJobError as error:
+        print(f"irnet-ray {command}: {error}", file=sys.stderr)
+        return 1
+    except _user_errors() as error:
+        return _fail(command, error)
+
+
+# --------------------------------------------------------------------------------------
+# train-cam, mine-relations, train-irn
+
+
+def _add_train_cam_parser(commands) -> None:
+    from irnet_ray.config import BackboneConfig, CamTrainConfig
+
+    backbone, train = BackboneConfig(), CamTrainConfig()
+    parser = commands.add_parser(
+        "train-cam",
+        help="train the CAM classifier on image-level labels with Ray Train",
+        description=(
+            "Train the CAM network (ResNet, output stride 16) on image-level labels with Ray Train: DDP "
+            "workers, a checkpoint every epoch under STORAGE/RUN_NAME, restarts from the last checkpoint "
+            "when a worker dies, and a rerun with the same run name resumes. The final model is written to "
+            "STORAGE/RUN_NAME/model/."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", required=True,
+                        help="image set: builtin[:key=value,...], manifest (.parquet/.csv/.jsonl), folder:ROOT, voc:ROOT")
+    parser.add_argument("--vocabulary", default=None, help="JSON list of class names fixing the class ids (optional)")
+    parser.add_argument("--storage", required=True, help="run storage: local folder or s3://bucket/prefix")
+    parser.add_argument("--run-name", required=True, help="run name; rerunning with the same name resumes")
+    parser.add_argument("--arch", default=backbone.arch, help="resnet18, resnet34, resnet50 or resnet101")
+    parser.add_argument("--weights", default=backbone.weights,
+                        help="initial backbone weights: torchvision enum name (IMAGENET1K_V1) or a local .pth file")
+    parser.add_argument("--train-batchnorm", action="store_true",
+                        help="train BatchNorm with batch statistics (needed from scratch; the paper freezes it)")
+    parser.add_argument("--first-trainable-stage", type=int, default=backbone.first_trainable_stage,
+                        help="backbone stages before this index stay fixed (0: train all)")
+    parser.add_argument("--epochs", type=int, default=train.epochs)
+    parser.add_argument("--batch-size", type=int, default=train.batch_size, help="per worker")
+    parser.add_argument("--lr", type=float, default=train.lr)
+    parser.add_argument("--backbone-lr-scale", type=float, default=train.backbone_lr_scale)
+    parser.add_argument("--crop", type=int, default=train.crop_size)
+    parser.add_argument("--long-side", default="%d,%d" % train.rescale_long_side,
+                        help="random long side MIN,MAX before cropping")
+    parser.add_argument("--seed", type=int, default=train.seed)
+    _add_worker_flags(parser)
+    _add_storage_flags(parser)
+
+    def run(args) -> int:
+        from irnet_ray.train.ray_train import train_cam_job
+
+        def job() -> int:
+            long_side = _numbers("--long-side", args.long_side, int)
+            if len(long_side) != 2:
+                raise ValueError(f"--long-side must be MIN,MAX, got {args.long_side!r}")
+            backbone_cfg = dataclasses.replace(
+                backbone, arch=args.arch, weights=args.weights, frozen_batchnorm=not args.train_batchnorm,
+                first_trainable_stage=args.first_trainable_stage)  # fmt: skip
+            train_cfg = dataclasses.replace(
+                train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                backbone_lr_scale=args.backbone_lr_scale, crop_size=args.crop, rescale_long_side=long_side,
+                seed=args.seed)  # fmt: skip
+            run_options = _run_options(args)
+            records, vocabulary = _load_image_set(args)
+            _connect(args)
+            summary = train_cam_job(records, vocabulary, backbone=backbone_cfg, train=train_cfg,
+                                    scaling=_scaling(args), run=run_options, storage_options=_storage_options(args),
+                                    cache_decoded=not args.stream)  # fmt: skip
+            last = summary["final_metrics"]
+            return _finish("train-cam", summary, args, [
+                f"CAM model: {summary['model_uri']}"
+                + (" (already complete)" if summary.get("already_complete") else ""),
+                f"  {summary['images']} images, {len(summary['history'])} epochs, final loss {last.get('loss', float('nan')):.4f}"
+                + (f", resumed from epoch {summary['resumed_from_epoch']}" if summary.get("resumed_from_epoch") else ""),
+                *_error_lines(summary["errors"]),
+            ])  # fmt: skip
+
+        return _run_job("train-cam", args, job)
+
+    parser.set_defaults(handler=run)
+
+
+def _add_mine_relations_parser(commands) -> None:
+    from irnet_ray.config import CamInferenceConfig, RelationConfig
+    from irnet_ray.train.mine_relations import MiningOptions
+
+    cam, relations, mining = CamInferenceConfig(), RelationConfig(), MiningOptions()
+    parser = commands.add_parser(
+        "mine-relations",
+        help="mine inter-pixel relations: CAMs refined by a dense CRF -> IR label Parquet",
+        description=(
+            "Ray Data job: decode images on CPU tasks, compute multi-scale CAMs on an actor pool (GPUs when "
+            "the cluster has them), refine confident regions with a dense CRF on CPU tasks and write the IR "
+            "label maps (PNG in Parquet) to OUTPUT, committed by OUTPUT/_manifest.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", required=True, help="image set (as for train-cam)")
+    parser.add_argument("--vocabulary", default=None, help="JSON list of class names (default: the CAM model's)")
+    parser.add_argument("--cam", required=True, help="CAM model folder (STORAGE/RUN_NAME/model of train-cam)")
+    parser.add_argument("--output", required=True, help="output folder or s3:// prefix for the IR labels")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output in OUTPUT")
+    parser.add_argument("--scales", default=",".join(str(s) for s in cam.scales), help="CAM inference scales")
+    parser.add_argument("--fg-threshold", type=float, default=relations.fg_threshold)
+    parser.add_argument("--bg-threshold", type=float, default=relations.bg_threshold)
+    parser.add_argument("--crf-iterations", type=int, default=relations.crf_iterations)
+    parser.add_argument("--max-side", type=int, default=mining.max_side,
+                        help="mine on images downscaled to this long side (labels are stored at full size)")
+    group = parser.add_argument_group("Ray Data resources")
+    group.add_argument("--min-actors", type=int, default=mining.min_actors, help="CAM actors kept at least")
+    group.add_argument("--max-actors", type=int, default=mining.max_actors, help="CAM actors at most (autoscaling)")
+    group.add_argument("--gpus-per-actor", type=float, default=mining.gpus_per_actor, help="when the cluster has GPUs")
+    group.add_argument("--cpus-per-actor", type=float, default=mining.cpus_per_actor)
+    group.add_argument("--crf-cpus", type=float, default=mining.crf_cpus, help="CPUs per CRF task")
+    group.add_argument("--batch-size", type=int, default=mining.batch_size)
+    group.add_argument("--rows-per-file", type=int, default=mining.rows_per_file)
+    _add_storage_flags(parser)
+
+    def run(args) -> int:
+        from irnet_ray.data.sources import ClassVocabulary
+        from irnet_ray.train import checkpoint as ckpt
+        from irnet_ray.train.mine_relations import mine_relations_job
+
+        def job() -> int:
+            options = _storage_options(args)
+            _, meta = ckpt.load_model(args.cam, options)
+            if not args.vocabulary:  # class names resolve to the ids the CAM model was trained with
+                from irnet_ray.data.sources import load_records
+
+                records, _ = load_records(args.images, options, ClassVocabulary(tuple(meta["vocabulary"])))
+            else:
+                records, _ = _load_image_set(args)
+            mining_options = dataclasses.replace(
+                mining, max_side=args.max_side, min_actors=args.min_actors, max_actors=args.max_actors,
+                gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, crf_cpus=args.crf_cpus,
+                batch_size=args.batch_size, rows_per_file=args.rows_per_file)  # fmt: skip
+            relations_cfg = dataclasses.replace(relations, fg_threshold=args.fg_threshold,
+                                                bg_threshold=args.bg_threshold, crf_iterations=args.crf_iterations)
+            cam_cfg = dataclasses.replace(cam, scales=_numbers("--scales", args.scales, float))
+            _connect(args)
+            summary = mine_relations_job(records, args.cam, args.output, cam_inference=cam_cfg,
+                                         relations=relations_cfg, options=mining_options, storage_options=options,
+                                         overwrite=args.overwrite)  # fmt: skip
+            return _finish("mine-relations", summary, args, [
+                f"IR labels: {summary['output']}" + (" (already complete)" if summary.get("already_complete") else ""),
+                f"  {summary['mined']} of {summary['images']} images mined into {len(summary['files'])} file(s)",
+                *_error_lines(summary["errors"]),
+            ])  # fmt: skip
+
+        return _run_job("mine-relations", args, job)
+
+    parser.set_defaults(handler=run)
+
+
+def _add_train_irn_parser(commands) -> None:
+    from irnet_ray.config import IrnTrainConfig, RelationConfig
+
+    train, relations = IrnTrainConfig(), RelationConfig()
+    parser = commands.add_parser(
+        "train-irn",
+        help="train IRNet (boundary + displacement branches) on mined IR labels with Ray Train",
+        description=(
+            "Train IRNet's two branches on the frozen backbone of the CAM model, from the IR labels of "
+            "mine-relations, with Ray Train (checkpoints, restarts and resume as for train-cam). The final "
+            "model, with its mean displacement, is written to STORAGE/RUN_NAME/model/."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--ir-labels", required=True, help="output folder of mine-relations (or IR label Parquet)")
+    parser.add_argument("--cam", required=True, help="CAM model folder whose backbone IRNet is trained on")
+    parser.add_argument("--storage", required=True, help="run storage: local folder or s3://bucket/prefix")
+    parser.add_argument("--run-name", required=True, help="run name; rerunning with the same name resumes")
+    parser.add_argument("--epochs", type=int, default=train.epochs)
+    parser.add_argument("--batch-size", type=int, default=train.batch_size, help="per worker")
+    parser.add_argument("--lr", type=float, default=train.lr)
+    parser.add_argument("--displacement-lr-scale", type=float, default=train.displacement_lr_scale)
+    parser.add_argument("--crop", type=int, default=train.crop_size)
+    parser.add_argument("--pair-radius", type=int, default=relations.radius,
+                        help="radius of the training pairs on the stride-4 grid (gamma of Eq. 2)")
+    parser.add_argument("--max-side", type=int, default=None, help="downscale images to this long side first")
+    parser.add_argument("--seed", type=int, default=train.seed)
+    _add_worker_flags(parser)
+    _add_storage_flags(parser)
+
+    def run(args) -> int:
+        from irnet_ray.train.ray_train import train_irn_job
+
+        def job() -> int:
+            train_cfg = dataclasses.replace(
+                train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop,
+                displacement_lr_scale=args.displacement_lr_scale, seed=args.seed)  # fmt: skip
+            run_options = _run_options(args)
+            _connect(args)
+            summary = train_irn_job(args.ir_labels, args.cam, irn=train_cfg,
+                                    relations=dataclasses.replace(relations, radius=args.pair_radius),
+                                    scaling=_scaling(args), run=run_options, storage_options=_storage_options(args),
+                                    max_side=args.max_side, cache_decoded=not args.stream)  # fmt: skip
+            last = summary["final_metrics"]
+            return _finish("train-irn", summary, args, [
+                f"IRNet model: {summary['model_uri']}"
+                + (" (already complete)" if summary.get("already_complete") else ""),
+                f"  {summary['images']} images, {len(summary['history'])} epochs, final loss {last.get('loss', float('nan')):.4f}, "
+                f"mean displacement {summary.get('mean_displacement')}",
+                *_error_lines(summary["errors"]),
+            ])  # fmt: skip
+
+        return _run_job("train-irn", args, job)
+
+    parser.set_defaults(handler=run)
+
+
+def _add_label_parser(commands) -> None:
+    from irnet_ray.label.config import LabelJobConfig
+
+    defaults = LabelJobConfig()
+    parser = commands.add_parser(
+        "label",
+        help="label an image set: semantic + instance pseudo masks as Parquet (Ray Data actor pool)",
+        description=(
+            "Decode images on CPU tasks, label them on an actor pool that loads the CAM and IRNet models once "
+            "per actor (GPUs when the cluster has them), and stream the masks as Parquet to OUTPUT/data/. Each "
+            "file is committed as it is written; OUTPUT/_manifest.json is written when every image is labeled "
+            "or in OUTPUT/errors/. Rerunning the same command labels only what is missing."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--images", required=True,
+                        help="image set: builtin[:key=value,...], manifest (.parquet/.csv/.jsonl), folder:ROOT, voc:ROOT")
+    parser.add_argument("--cam", default=None, help="CAM model folder (default: the one the IRNet model names)")
+    parser.add_argument("--irn", required=True, help="IRNet model folder (STORAGE/RUN_NAME/model of train-irn)")
+    parser.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an earlier output in OUTPUT and start over (needed to change models or settings)")
+    parser.add_argument("--max-side", type=int, default=defaults.max_side,
+                        help="label images downscaled to this long side (masks are stored at the original size)")
+    parser.add_argument("--scales", default=",".join(str(s) for s in defaults.cam_inference.scales),
+                        help="CAM inference scales (must include 1.0)")
+    parser.add_argument("--walk-steps", type=int, default=defaults.synthesis.steps, help="random walk iterations t")
+    parser.add_argument("--no-eval", action="store_true", help="do not score the labels against ground truth")
+    group = parser.add_argument_group("Ray Data resources")
+    group.add_argument("--min-actors", type=int, default=defaults.min_actors, help="labeling actors kept at least")
+    group.add_argument("--max-actors", type=int, default=defaults.max_actors, help="labeling actors at most (autoscaling)")
+    group.add_argument("--gpus-per-actor", type=float, default=None,
+                       help="GPUs per actor, fractions allowed; 0 labels on CPU; unset: 1 when the cluster has GPUs, else 0")
+    group.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor)
+    group.add_argument("--decode-cpus", type=float, default=defaults.decode_cpus, help="CPUs per decode task")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per actor call")
+    group.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="rows per Parquet file")
+    _add_storage_flags(parser)
+
+    def run(args) -> int:
+        from irnet_ray.label import LabelJobError, LabelJobFailed, format_summary, label_images
+
+        try:
+            config = dataclasses.replace(
+                defaults, max_side=args.max_side or None, min_actors=args.min_actors, max_actors=args.max_actors,
+                gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, decode_cpus=args.decode_cpus,
+                batch_size=args.batch_size, rows_per_file=args.rows_per_file, evaluate=not args.no_eval,
+                cam_inference=dataclasses.replace(defaults.cam_inference, scales=_numbers("--scales", args.scales, float)),
+                synthesis=dataclasses.replace(defaults.synthesis, steps=args.walk_steps),
+            )  # fmt: skip
+            summary = label_images(args.images, args.cam, args.irn, args.output, config, _storage_options(args),
+                                   overwrite=args.overwrite, ray_address=args.ray_address)  # fmt: skip
+        except (LabelJobError, *_user_errors()) as error:
+            return _fail("label", error)
+        except LabelJobFailed as error:  # not a user mistake: status 1, committed work is kept
+            print(f"irnet-ray label: {error}", file=sys.stderr)
+            return 1
+        return _finish("label", summary, args, [format_summary(summary)])
+
+    parser.set_defaults(handler=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_demo_parser(commands)
+    _add_train_cam_parser(commands)
+    _add_mine_relations_parser(commands)
+    _add_train_irn_parser(commands)
+    _add_label_parser(commands)
+    _add_visualize_parser(commands)
     return parser
 
 

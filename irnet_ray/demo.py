@@ -1,14 +1,22 @@
-"""The whole method on the built-in synthetic set, in one process: the `irnet-ray demo` command.
+"""The whole pipeline on the built-in synthetic set, on a local Ray cluster: `irnet-ray demo`.
 
-Train CAM -> CAM inference -> relation mining (CRF) -> train IRNet -> mean displacement ->
-semantic + instance synthesis -> evaluation against the held-back ground truth.
+The same jobs users submit to a cluster, in order:
+train CAM (Ray Train) -> mine relations (Ray Data: CAM actors, CRF tasks) -> train IRNet
+(Ray Train) -> label (Ray Data actor pool -> Parquet pseudo masks, evaluated against the
+held-back ground truth) -> the paper's baselines and Fig. 6 panels -> the evaluation table.
 Training sees image-level labels only; masks are read for evaluation alone.
+
+Every output of one configuration lives under ``{workdir}/{settings id}/``: rerunning the demo
+with the same settings resumes (finished stages return at once), other settings get a folder
+of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,16 +33,8 @@ from irnet_ray.config import (
     SynthesisConfig,
     config_to_dict,
 )
-from irnet_ray.data.synthetic import SyntheticConfig, SyntheticDataset, class_names
-from irnet_ray.data.transforms import augment, to_chw_tensor
-from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
-from irnet_ray.models.cam import CamNet, cam_semantic_labels, multiscale_cams, normalize_images
-from irnet_ray.models.irnet import IRNet
-from irnet_ray.relations import downsample_labels, ir_label_map
-from irnet_ray.synthesis import cam_connected_components, synthesize_labels
-from irnet_ray.train.cam import train_cam
-from irnet_ray.train.irn import mean_displacement, train_irn
-
+from irnet_ray.data.storage import StorageOptions, join, normalize
+from irnet_ray.data.synthetic import SyntheticConfig
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
@@ -67,6 +67,13 @@ class DemoConfig:
     synthesis: SynthesisConfig = SynthesisConfig()
     device: str = "auto"
     threads: int = 0  # 0: torch's default
+    train_workers: int = 1  # Ray Train workers (DDP); each gets cores / workers CPUs
+    label_actors: int = 2  # labeling actors (the pool grows from 1 to this)
+    panels: int = 4  # Fig. 6 panels of the first images (0: none)
+
+    def __post_init__(self) -> None:
+        if int(self.train_workers) < 1 or int(self.label_actors) < 1 or int(self.panels) < 0:
+            raise ValueError("DemoConfig needs train_workers >= 1, label_actors >= 1 and panels >= 0")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,168 +82,163 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _multi_hot(classes: np.ndarray, num_classes: int) -> torch.Tensor:
-    target = torch.zeros(num_classes)
-    target[torch.as_tensor(classes, dtype=torch.long) - 1] = 1.0
-    return target
+def demo_id(config: DemoConfig) -> str:
+    """A short id of the settings: the folder of this configuration's runs."""
+    return hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _epochs(num_epochs: int, make_batches: Callable[[int], list[dict]]):
-    for epoch in range(num_epochs):
-        yield make_batches(epoch)
+def run_demo(
+    config: DemoConfig = DemoConfig(),
+    workdir: str = "runs/demo",
+    output: str | None = None,
+    storage_options: StorageOptions = StorageOptions(),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run every stage on a local Ray cluster (or the one ``RAY_ADDRESS`` names); returns the report.
 
+    ``output``: where the pseudo masks go (default ``{workdir}/{settings id}/labels``; any local
+    path or ``s3://`` URI).
+    """
+    from irnet_ray.data.sources import builtin_spec, synthetic_records
+    from irnet_ray.label import LabelJobConfig, label_images
+    from irnet_ray.train.mine_relations import MiningOptions, mine_relations_job
+    from irnet_ray.train.ray_train import RunOptions, ScalingOptions, ensure_ray, train_cam_job, train_irn_job
 
-def _batched(items: list, batch_size: int) -> list[list]:
-    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-
-
-def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> dict:
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
-    torch.manual_seed(config.cam_train.seed)
     device = resolve_device(config.device)
-    dataset = SyntheticDataset(config.data)
-    samples = [dataset[i] for i in range(len(dataset))]
-    num_classes = config.data.num_classes
+    use_gpu = device.type == "cuda"
+    cores = os.cpu_count() or 1
+    root = join(normalize(workdir), demo_id(config))
+    runs = join(root, "runs")
+    labels_uri = normalize(output) if output else join(root, "labels")
+    # More logical CPUs than cores: the training worker (all cores' worth of torch threads) and
+    # the small decode / write tasks beside it never wait for each other (2-core trap, ray.md).
+    ensure_ray(num_cpus=max(4, cores))
+    records, vocabulary = synthetic_records(config.data)
+    log(f"built-in set: {len(records)} images {config.data.image_size}, classes {list(vocabulary.names)}; "
+        f"device {device}; outputs under {root}")  # fmt: skip
+    scaling = ScalingOptions(num_workers=config.train_workers, use_gpu=use_gpu,
+                             cpus_per_worker=max(1, cores // config.train_workers))  # fmt: skip
     timings: dict[str, float] = {}
-    log(f"built-in set: {len(samples)} images {config.data.image_size}, classes {class_names(num_classes)}; device {device}")
+
+    def stage(name: str, function, *args, **kwargs):
+        log(f"[{name}]")
+        t = time.perf_counter()
+        result = function(*args, **kwargs)
+        timings[name] = time.perf_counter() - t
+        return result
 
     # 1. CAM network on image-level labels only.
-    t = time.perf_counter()
-    cam_model = CamNet(config.backbone, num_classes)
-    images = [to_chw_tensor(s.image) for s in samples]
-    targets = [_multi_hot(s.classes, num_classes) for s in samples]
+    cam = stage("train_cam", train_cam_job, records, vocabulary, backbone=config.backbone, train=config.cam_train,
+                scaling=scaling, run=RunOptions("cam", runs, storage_options), storage_options=storage_options)
+    _log_epochs(log, "cam", cam)
+    # 2. Relation mining: CAMs -> CRF-refined IR labels.
+    mined = stage("mine_relations", mine_relations_job, records, cam["model_uri"], join(root, "ir_labels"),
+                  cam_inference=config.cam_inference, relations=config.relations,
+                  options=MiningOptions(max_actors=1, cpus_per_actor=1.0, crf_cpus=1.0, batch_size=8),
+                  storage_options=storage_options)
+    log(f"  {mined['mined']} IR label maps -> {mined['output']}")
+    # 3. IRNet on the frozen CAM-trained backbone.
+    irn = stage("train_irn", train_irn_job, mined["output"], cam["model_uri"], irn=config.irn_train,
+                relations=config.relations, scaling=scaling, run=RunOptions("irn", runs, storage_options),
+                storage_options=storage_options)
+    _log_epochs(log, "irn", irn)
+    # 4. The labeling job: Parquet pseudo masks, evaluated against the held-back ground truth.
+    label_config = LabelJobConfig(cam_inference=config.cam_inference, synthesis=config.synthesis, max_side=None,
+                                  min_actors=1, max_actors=config.label_actors,
+                                  cpus_per_actor=max(1.0, cores / config.label_actors))
+    labeled = stage("label", label_images, records, cam["model_uri"], irn["model_uri"], labels_uri, label_config,
+                    storage_options, log=log)
+    # 5. The paper's baselines on the same images, and Fig. 6 panels.
+    baselines = stage("baselines", evaluate_baselines, records, cam["model_uri"], labels_uri, config, storage_options)
+    panels = []
+    if config.panels:
+        from irnet_ray.visualize import visualize_images
 
-    def cam_batches(epoch: int) -> list[dict]:
-        rng = np.random.default_rng([config.cam_train.seed, epoch])
-        order = rng.permutation(len(samples))
-        batches = []
-        for chunk in _batched(list(order), config.cam_train.batch_size):
-            crops = [
-                augment(images[i], None, rng, crop_size=config.cam_train.crop_size,
-                        long_side_range=config.cam_train.rescale_long_side, hflip=config.cam_train.hflip)[0]
-                for i in chunk
-            ]
-            batches.append({"image": torch.stack(crops), "labels": torch.stack([targets[i] for i in chunk])})
-        return batches
+        panels = stage("panels", visualize_images, builtin_spec(config.data), cam["model_uri"], irn["model_uri"],
+                       join(root, "panels"), limit=config.panels, max_side=None, storage_options=storage_options,
+                       cam_config=config.cam_inference, synthesis_config=config.synthesis, device=str(device))
 
-    steps_per_epoch = -(-len(samples) // config.cam_train.batch_size)
-    train_cam(
-        cam_model, _epochs(config.cam_train.epochs, cam_batches), config.cam_train,
-        steps_per_epoch * config.cam_train.epochs, device,
-        on_epoch=lambda e, m: log(f"  cam epoch {e + 1}/{config.cam_train.epochs}: loss {m['loss']:.4f} "
-                                  f"lr {m['lr']:.4f} {m['images_per_second']:.1f} img/s"),
-    )
-    timings["train_cam"] = time.perf_counter() - t
-
-    # 2. Multi-scale CAMs (stride 4 for the walk, full resolution for mining and evaluation).
-    t = time.perf_counter()
-    cam_model.eval()
-    cams = []
-    for sample, image in zip(samples, images):
-        normalized = normalize_images(image[None].to(device))[0]
-        cams.append(multiscale_cams(cam_model, normalized, torch.as_tensor(sample.classes), config.cam_inference))
-    timings["cam_inference"] = time.perf_counter() - t
-
-    # 3. Relation mining: CRF-refined confident regions -> IR label maps.
-    t = time.perf_counter()
-    ir_labels = [
-        ir_label_map(sample.image, cam.highres.cpu().numpy(), sample.classes, config.relations)
-        for sample, cam in zip(samples, cams)
-    ]
-    timings["mine_relations"] = time.perf_counter() - t
-
-    # 4. IRNet on the frozen CAM-trained backbone.
-    t = time.perf_counter()
-    irnet = IRNet(cam_model.backbone.channels)
-    label_tensors = [torch.from_numpy(lab) for lab in ir_labels]
-
-    def irn_batches(epoch: int) -> list[dict]:
-        rng = np.random.default_rng([config.irn_train.seed, 1000 + epoch])
-        order = rng.permutation(len(samples))
-        batches = []
-        for chunk in _batched(list(order), config.irn_train.batch_size):
-            crops = [
-                augment(images[i], label_tensors[i], rng, crop_size=config.irn_train.crop_size,
-                        scale_range=config.irn_train.rescale, hflip=config.irn_train.hflip)
-                for i in chunk
-            ]
-            batches.append({
-                "image": torch.stack([c[0] for c in crops]),
-                "labels": torch.stack([torch.from_numpy(downsample_labels(c[1].numpy())) for c in crops]),
-            })
-        return batches
-
-    steps_per_epoch = -(-len(samples) // config.irn_train.batch_size)
-    train_irn(
-        cam_model.backbone, irnet, _epochs(config.irn_train.epochs, irn_batches), config.irn_train,
-        config.relations, steps_per_epoch * config.irn_train.epochs, device,
-        on_epoch=lambda e, m: log(f"  irn epoch {e + 1}/{config.irn_train.epochs}: loss {m['loss']:.4f} "
-                                  f"(disp fg {m['displacement_fg']:.3f} bg {m['displacement_bg']:.3f} "
-                                  f"boundary {m['boundary']:.3f}) {m['images_per_second']:.1f} img/s"),
-    )
-    irnet.mean_displacement.copy_(
-        mean_displacement(cam_model.backbone, irnet, (torch.stack(b) for b in _batched(images, 32)), device)
-    )
-    timings["train_irn"] = time.perf_counter() - t
-
-    # 5. Label synthesis and evaluation against the ground truth kept aside.
-    t = time.perf_counter()
-    names = class_names(num_classes)
-    cam_eval = SemanticEvaluator(num_classes + 1)
-    pseudo_eval = SemanticEvaluator(num_classes + 1)
-    cam_cc_eval = InstanceEvaluator(num_classes, class_names=names)
-    boundary_cc_eval = InstanceEvaluator(num_classes, class_names=names)
-    full_eval = InstanceEvaluator(num_classes, class_names=names)
-    irnet.eval()
-    with torch.no_grad():
-        for sample, image, cam in zip(samples, images, cams):
-            height, width = sample.image.shape[:2]
-            output = irnet(cam_model.backbone(normalize_images(image[None].to(device))), subtract_mean=True)
-            labels = synthesize_labels(
-                cam.strided, sample.classes, output.boundary[0], output.displacement[0], (height, width), config.synthesis
-            )
-            gt_masks, gt_classes = _gt_instances(sample)
-            cam_labels = cam_semantic_labels(cam.highres, cam.classes, config.cam_inference.eval_background_threshold)
-            cam_labels = cam_labels.cpu().numpy()
-            cam_eval.process(cam_labels, sample.semantic)
-            pseudo_eval.process(labels.semantic, sample.semantic)
-            cc = cam_connected_components(cam_labels, cam.highres.cpu().numpy(), sample.classes)
-            cam_cc_eval.process(cc.masks, cc.classes, cc.scores, gt_masks, gt_classes)
-            # Same components rule on the propagated labels: the "CAM + class boundary" baseline.
-            bcc = cam_connected_components(labels.semantic, cam.highres.cpu().numpy(), sample.classes)
-            boundary_cc_eval.process(bcc.masks, bcc.classes, bcc.scores, gt_masks, gt_classes)
-            ins = labels.instances
-            full_eval.process(ins.masks, ins.classes, ins.scores, gt_masks, gt_classes)
-    timings["synthesize_and_evaluate"] = time.perf_counter() - t
-
-    cam_sem, pseudo_sem = cam_eval.evaluate(), pseudo_eval.evaluate()
-    cam_cc, boundary_cc, full = cam_cc_eval.evaluate(), boundary_cc_eval.evaluate(), full_eval.evaluate()
+    metrics = labeled["metrics"] or {}
     report = {
-        "cam_miou": cam_sem["miou"],
-        "pseudo_miou": pseudo_sem["miou"],
-        "cam_cc_ap50": cam_cc["ap50"],
-        "cam_cc_ap70": cam_cc["ap70"],
-        "boundary_cc_ap50": boundary_cc["ap50"],
-        "boundary_cc_ap70": boundary_cc["ap70"],
-        "ap50": full["ap50"],
-        "ap70": full["ap70"],
-        "ir_label_coverage": float(np.mean([(lab != 255).mean() for lab in ir_labels]) * 100),
+        **baselines,
+        "pseudo_miou": metrics.get("miou"),
+        "ap50": metrics.get("ap50"),
+        "ap70": metrics.get("ap70"),
+        "labeled": labeled["total_labeled"],
+        "label_errors": labeled["total_errors"],
+        "label_images_per_second": labeled["images_per_second"],
+        "ir_label_images": mined["mined"],
+        "mean_displacement": irn.get("mean_displacement"),
+        "outputs": {"root": root, "cam_model": cam["model_uri"], "irn_model": irn["model_uri"],
+                    "ir_labels": mined["output"], "labels": labels_uri, "manifest": labeled["manifest"],
+                    "panels": panels[-1] if panels else None},
+        "resumed": {"train_cam": bool(cam.get("already_complete")), "mine_relations": bool(mined["already_complete"]),
+                    "train_irn": bool(irn.get("already_complete")), "label": labeled["labeled"] == 0},
         "seconds": time.perf_counter() - started,
         "timings": timings,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "config": config_to_dict(config),
-    }
+    }  # fmt: skip
     log(format_table(report))
     return report
 
 
-def _gt_instances(sample) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.arange(1, len(sample.instance_classes) + 1)
-    masks = sample.instances[None] == ids[:, None, None]
-    return masks, np.asarray(sample.instance_classes, dtype=np.int64)
+def _log_epochs(log: Callable[[str], None], kind: str, summary: dict) -> None:
+    if summary.get("already_complete"):
+        log(f"  {kind}: already trained ({summary['model_uri']})")
+        return
+    for m in summary["history"]:
+        log(f"  {kind} epoch {int(m['epoch']) + 1}: loss {m['loss']:.4f} lr {m['lr']:.4f} "
+            f"{m['images_per_second']:.1f} img/s")  # fmt: skip
+
+
+def evaluate_baselines(records, cam_model_uri: str, labels_uri: str, config: DemoConfig,
+                       storage_options: StorageOptions = StorageOptions()) -> dict:  # fmt: skip
+    """The paper's comparison rows (Sec. 6) on the built-in set, next to the labeling job's own:
+    raw CAM mIoU, CAM + connected components, and connected components of the job's
+    boundary-propagated semantic labels ("CAM + class boundary"). The semantic labels are read
+    back from the job's committed Parquet output."""
+    from irnet_ray.data.output_format import decode_semantic
+    from irnet_ray.data.parquet_files import read_table
+    from irnet_ray.data.sources import load_synthetic
+    from irnet_ray.data.storage import read_bytes
+    from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
+    from irnet_ray.inference import infer_cams
+    from irnet_ray.models.cam import cam_semantic_labels
+    from irnet_ray.synthesis import cam_connected_components
+    from irnet_ray.train.checkpoint import load_cam_model
+
+    manifest = json.loads(read_bytes(join(labels_uri, "_manifest.json"), storage_options))
+    semantic_of = {}
+    for file in manifest["data_files"]:
+        table = read_table(join(labels_uri, file["path"]), storage_options, columns=["image_id", "semantic_png"])
+        semantic_of.update(zip(table.column("image_id").to_pylist(), table.column("semantic_png").to_pylist()))
+    model, meta = load_cam_model(cam_model_uri, storage_options)
+    model = model.to(resolve_device(config.device)).eval()
+    num_classes = len(meta["vocabulary"])
+    cam_eval = SemanticEvaluator(num_classes + 1)
+    cam_cc, boundary_cc = InstanceEvaluator(num_classes), InstanceEvaluator(num_classes)
+    for record in records:
+        sample = load_synthetic(record.uri)
+        cams = infer_cams(model, sample.image, record.classes, config.cam_inference)
+        highres = cams.highres.cpu().numpy()
+        cam_labels = cam_semantic_labels(cams.highres, cams.classes, config.cam_inference.eval_background_threshold)
+        cam_labels = cam_labels.cpu().numpy()
+        cam_eval.process(cam_labels, sample.semantic)
+        ids = np.arange(1, len(sample.instance_classes) + 1)
+        gt_masks, gt_classes = sample.instances[None] == ids[:, None, None], np.asarray(sample.instance_classes)
+        cc = cam_connected_components(cam_labels, highres, sample.classes)
+        cam_cc.process(cc.masks, cc.classes, cc.scores, gt_masks, gt_classes)
+        if record.image_id in semantic_of:
+            bcc = cam_connected_components(decode_semantic(semantic_of[record.image_id]), highres, sample.classes)
+            boundary_cc.process(bcc.masks, bcc.classes, bcc.scores, gt_masks, gt_classes)
+    cam_sem, cc, bcc = cam_eval.evaluate(), cam_cc.evaluate(), boundary_cc.evaluate()
+    return {"cam_miou": cam_sem["miou"], "cam_cc_ap50": cc["ap50"], "cam_cc_ap70": cc["ap70"],
+            "boundary_cc_ap50": bcc["ap50"], "boundary_cc_ap70": bcc["ap70"]}  # fmt: skip
 
 
 def format_table(report: dict) -> str:
@@ -247,11 +249,19 @@ def format_table(report: dict) -> str:
         ("CAM + class boundary + components", "AP^r_50 / AP^r_70", (report["boundary_cc_ap50"], report["boundary_cc_ap70"])),
         ("IRNet full method (instances)", "AP^r_50 / AP^r_70", (report["ap50"], report["ap70"])),
     ]
+
+    def number(value) -> str:
+        return "   n/a" if value is None else f"{value:6.1f}"
+
     lines = ["", f"{'method':<46} {'metric':<18} value", "-" * 78]
     for name, metric, value in rows:
-        text = f"{value[0]:6.1f} / {value[1]:.1f}" if isinstance(value, tuple) else f"{value:6.1f}"
+        text = f"{number(value[0])} / {number(value[1]).strip()}" if isinstance(value, tuple) else number(value)
         lines.append(f"{name:<46} {metric:<18} {text}")
     lines.append("-" * 78)
+    outputs = report["outputs"]
+    lines.append(f"pseudo masks: {outputs['labels']} ({report['labeled']} images, {report['label_errors']} errors)")
+    if outputs.get("panels"):
+        lines.append(f"panels: {outputs['panels']}")
     lines.append(f"finished in {report['seconds']:.0f} s on {report['device']} ({report['torch_threads']} threads)")
     return "\n".join(lines)
 

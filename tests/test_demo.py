@@ -13,8 +13,8 @@ from irnet_ray.demo import DemoConfig, run_demo
 REPORT_KEYS = {"cam_miou", "pseudo_miou", "cam_cc_ap50", "ap50", "ap70", "seconds"}
 
 
-@pytest.mark.timeout(300)
-def test_tiny_demo_runs_every_stage_and_reports(tmp_path):
+@pytest.mark.timeout(600)
+def test_tiny_demo_runs_every_stage_on_ray_and_resumes(ray_cluster, tmp_path):
     config = DemoConfig(
         data=SyntheticConfig(num_images=12, image_size=(64, 64), num_classes=2, seed=3),
         backbone=BackboneConfig(arch="resnet18", frozen_batchnorm=False, first_trainable_stage=0),
@@ -23,16 +23,27 @@ def test_tiny_demo_runs_every_stage_and_reports(tmp_path):
         irn_train=IrnTrainConfig(epochs=1, batch_size=6, crop_size=64),
         synthesis=SynthesisConfig(steps=16, displacement_iterations=10),
         device="cpu",
+        panels=2,
     )
     lines = []
-    report = run_demo(config, log=lines.append)
+    report = run_demo(config, workdir=str(tmp_path / "demo"), log=lines.append)
     assert REPORT_KEYS <= set(report)
     for key in REPORT_KEYS - {"seconds"}:
         assert 0.0 <= report[key] <= 100.0
-    assert set(report["timings"]) == {"train_cam", "cam_inference", "mine_relations", "train_irn", "synthesize_and_evaluate"}
+    assert set(report["timings"]) == {"train_cam", "mine_relations", "train_irn", "label", "baselines", "panels"}
+    assert report["labeled"] + report["label_errors"] == 12 and report["ir_label_images"] == 12
     assert report["config"]["data"]["num_images"] == 12
-    assert "AP^r_50" in lines[-1] and "mIoU" in lines[-1]
+    assert any("AP^r_50" in line and "IRNet" in line for line in lines)
+    outputs = report["outputs"]
+    manifest = json.loads((tmp_path / "demo" / outputs["root"].rsplit("/", 1)[1] / "labels" / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == report["labeled"]
+    assert outputs["panels"].endswith("figure6.png")
     json.dumps(report)  # the report is plain JSON
+
+    # The same settings again: every stage finds its finished output and the figures agree.
+    again = run_demo(config, workdir=str(tmp_path / "demo"), log=lines.append)
+    assert all(again["resumed"].values())
+    assert again["ap50"] == report["ap50"] and again["pseudo_miou"] == report["pseudo_miou"]
 
 
 def test_every_command_has_help():

@@ -69,14 +69,16 @@ def test_mining_writes_committed_ir_labels_and_records_failures(ray_cluster, syn
     records, _ = synthetic
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "tiny.png")
     rows = list(records) + [ImageRecord("broken", str(broken), (1,)), ImageRecord("gone", str(tmp_path / "gone.png"), (2,)),
-                            ImageRecord("alien", records[0].uri, (9,))]  # fmt: skip
+                            ImageRecord("alien", records[0].uri, (9,)),
+                            ImageRecord("tiny", str(tmp_path / "tiny.png"), (1,))]  # fmt: skip
     output = str(tmp_path / "ir")
     summary = mine_relations_job(rows, cam_model, output, cam_inference=CAM_INFERENCE, relations=RELATIONS,
                                  options=OPTIONS)  # fmt: skip
-    assert summary["mined"] == 7 and summary["images"] == 10 and not summary["already_complete"]
+    assert summary["mined"] == 7 and summary["images"] == 11 and not summary["already_complete"]
     reasons = {e["image_id"]: e["error"].split(":")[0] for e in summary["errors"]}
-    assert reasons == {"broken": "not_an_image", "gone": "missing", "alien": "bad_classes"}
+    assert reasons == {"broken": "not_an_image", "gone": "missing", "alien": "bad_classes", "tiny": "too_small"}
     manifest = json.loads(open(f"{output}/{MANIFEST}").read())
     assert manifest["rows"] == 7 and len(manifest["files"]) >= 2  # rows_per_file = 4
     mined = _rows(output)
@@ -94,6 +96,11 @@ def test_mining_writes_committed_ir_labels_and_records_failures(ray_cluster, syn
     with pytest.raises(ValueError, match="other settings"):
         mine_relations_job(rows, cam_model, output, cam_inference=CAM_INFERENCE,
                            relations=RelationConfig(crf_iterations=4), options=OPTIONS)  # fmt: skip
+
+    # A pool that would take every CPU of the cluster is refused instead of hanging.
+    with pytest.raises(ValueError, match="would hang"):
+        mine_relations_job(rows, cam_model, str(tmp_path / "other"), cam_inference=CAM_INFERENCE,
+                           relations=RELATIONS, options=MiningOptions(min_actors=4, max_actors=4))  # fmt: skip
 
     # IRNet training reads exactly the committed files.
     ds = rd.ir_label_dataset(output)

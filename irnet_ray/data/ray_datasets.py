@@ -79,6 +79,7 @@ __all__ = [
     "load_image",
     "downscale",
     "error_text",
+    "decode_keeping_size",
     "records_fingerprint",
     "summarize_errors",
 ]
@@ -158,6 +159,31 @@ def downscale(image: np.ndarray, max_side: int | None, *, nearest: bool = False)
     resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     out = Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), resample)
     return np.ascontiguousarray(np.asarray(out, dtype=np.uint8))
+
+
+def decode_keeping_size(
+    uri: str, options: StorageOptions, max_side: int | None, *, max_pixels: int = 50_000_000, min_side: int = 1
+) -> dict[str, Any]:
+    """Decode an image for a job that writes outputs at the original size; never raises.
+
+    Returns ``image`` (bytes of the downscaled (H, W, 3) array, ``b""`` on failure), ``height``
+    / ``width`` (after downscaling), ``orig_height`` / ``orig_width`` (as decoded, EXIF rotation
+    applied) and ``error`` (``""`` or :func:`error_text`; a side below ``min_side`` is
+    ``too_small``).
+    """
+    fields: dict[str, Any] = {"image": b"", "height": 0, "width": 0, "orig_height": 0, "orig_width": 0, "error": ""}
+    try:
+        original = load_image(uri, options, max_pixels)
+        if min(original.shape[:2]) < int(min_side):
+            height, width = original.shape[:2]
+            raise ImageDecodeError("too_small", f"image of {width}x{height} pixels is smaller than min_side={min_side}")
+        image = downscale(original, max_side)
+    except Exception as exc:  # noqa: BLE001 - recorded per image
+        fields["error"] = error_text(exc)
+        return fields
+    fields.update(image=image.tobytes(), height=image.shape[0], width=image.shape[1],
+                  orig_height=original.shape[0], orig_width=original.shape[1])  # fmt: skip
+    return fields
 
 
 def row_image(row: dict) -> np.ndarray:

@@ -71,6 +71,7 @@ __all__ = [
     "synthetic_uri",
     "load_synthetic",
     "parse_builtin_spec",
+    "builtin_spec",
     "load_records",
     "records_table",
 ]
@@ -419,6 +420,7 @@ def read_manifest(
     semantic_column: str = "semantic",
     instance_column: str = "instance",
     check_exists: bool = False,
+    allow_duplicate_ids: bool = False,
 ) -> tuple[list[ImageRecord], ClassVocabulary]:
     """Records from a manifest table (``.parquet``, ``.csv``, ``.jsonl`` / ``.ndjson`` / ``.json``).
 
@@ -431,6 +433,9 @@ def read_manifest(
     With ``vocabulary=None`` the vocabulary is the sorted set of names in the manifest; a given
     vocabulary also allows integer class ids (1..C) in list-valued (Parquet / JSON) class
     columns. Row numbers in messages count data rows from 1 (a CSV header is not a row).
+
+    A repeated image id is an error of the whole manifest, unless ``allow_duplicate_ids`` (the
+    labeling job records such rows per image instead of refusing millions of good ones).
     """
     uri = os.fspath(uri)
     suffix = posixpath.splitext(uri.lower().rstrip("/"))[1]
@@ -521,7 +526,8 @@ def read_manifest(
                 ids.add(vocabulary.id_of(n, row=row_number, image=image))
         records.append(ImageRecord(image_id, image_uri, tuple(ids), semantic, instance, row_number))
     hint = "" if has_id else f" (ids come from file names; add an {id_column!r} column)"
-    _check_unique_ids(records, f"manifest {uri}", hint)
+    if not allow_duplicate_ids:
+        _check_unique_ids(records, f"manifest {uri}", hint)
     if check_exists:
         _check_exists(records, options, f"manifest {uri}")
     return records, vocabulary
@@ -543,6 +549,7 @@ def read_image_folder(
     vocabulary: ClassVocabulary | None = None,
     *,
     check_exists: bool = False,  # accepted for a uniform interface: listed files exist
+    allow_duplicate_ids: bool = False,
 ) -> tuple[list[ImageRecord], ClassVocabulary]:
     """Records from ``root/<class_name>/<image files>`` (nested sub-folders allowed).
 
@@ -591,7 +598,8 @@ def read_image_folder(
         for below, f in entries:
             image_id = f"{cls}/{posixpath.splitext(below)[0]}"
             records.append(ImageRecord(image_id, f, (class_id,)))
-    _check_unique_ids(records, f"image folder {uri}", " (same name with different suffixes)")
+    if not allow_duplicate_ids:
+        _check_unique_ids(records, f"image folder {uri}", " (same name with different suffixes)")
     return records, vocabulary
 
 
@@ -849,6 +857,18 @@ def synthetic_records(config: "SyntheticConfig | None" = None) -> tuple[list[Ima
                         source_row=index + 1)
         )  # fmt: skip
     return records, vocabulary
+
+
+def builtin_spec(config: "SyntheticConfig") -> str:
+    """The ``builtin:key=value,...`` spec of ``config`` (inverse of :func:`parse_builtin_spec`)."""
+    from .synthetic import SyntheticConfig
+
+    default, items = SyntheticConfig(), []
+    for f in dataclasses.fields(SyntheticConfig):
+        value = getattr(config, f.name)
+        if value != getattr(default, f.name):
+            items.append(f"{f.name}={'x'.join(str(v) for v in value) if f.name in _PAIR_FIELDS else value}")
+    return "builtin" + (":" + ",".join(items) if items else "")
 
 
 def parse_builtin_spec(spec: str) -> "SyntheticConfig":

@@ -34,6 +34,7 @@ import ray
 from irnet_ray.config import CamInferenceConfig, RelationConfig, config_to_dict
 from irnet_ray.data import ray_datasets as rd
 from irnet_ray.data.decode import encode_png
+from irnet_ray.data.output_format import resize_nearest
 from irnet_ray.data.parquet_files import content_name, write_table
 from irnet_ray.data.sources import ImageRecord
 from irnet_ray.data.storage import (
@@ -59,6 +60,7 @@ class MiningOptions:
     """Resources and sizes of the mining pipeline (not part of the method's settings)."""
 
     max_side: int | None = None
+    min_side: int = 16  # one cell of the stride-16 CAM; smaller images are recorded as too_small
     min_actors: int = 1
     max_actors: int = 1
     gpus_per_actor: float = 1.0  # used only when the cluster has GPUs
@@ -102,21 +104,14 @@ def _rows_to_batch(rows: list[dict], names: Sequence[str]) -> dict[str, np.ndarr
 _DECODED = ("image_id", "uri", "classes", "image", "height", "width", "orig_height", "orig_width", "error")
 
 
-def decode_for_mining(batch: dict, options: StorageOptions, max_side: int | None) -> dict[str, np.ndarray]:
+def decode_for_mining(batch: dict, options: StorageOptions, max_side: int | None,
+                      min_side: int) -> dict[str, np.ndarray]:  # fmt: skip
     """Records -> decoded (possibly downscaled) images with their original size; never raises."""
     rows = []
     for image_id, uri, classes in zip(_column(batch, "image_id"), _column(batch, "uri"), _column(batch, "classes")):
-        row = {"image_id": str(image_id), "uri": str(uri), "classes": [int(c) for c in np.asarray(classes).reshape(-1)],
-               "image": b"", "height": 0, "width": 0, "orig_height": 0, "orig_width": 0, "error": ""}  # fmt: skip
-        try:
-            original = rd.load_image(row["uri"], options)
-            image = rd.downscale(original, max_side)
-        except Exception as exc:  # noqa: BLE001 - recorded per image
-            row["error"] = rd.error_text(exc)
-        else:
-            row.update(image=image.tobytes(), height=image.shape[0], width=image.shape[1],
-                       orig_height=original.shape[0], orig_width=original.shape[1])  # fmt: skip
-        rows.append(row)
+        rows.append({"image_id": str(image_id), "uri": str(uri),
+                     "classes": [int(c) for c in np.asarray(classes).reshape(-1)],
+                     **rd.decode_keeping_size(str(uri), options, max_side, min_side=min_side)})  # fmt: skip
     return _rows_to_batch(rows, _DECODED)
 
 
@@ -175,20 +170,12 @@ def crf_batch(batch: dict, relations: dict) -> dict[str, np.ndarray]:
                 cams = np.frombuffer(batch["cams"][i], dtype=np.float16).reshape(len(row["classes"]), height, width)
                 labels = ir_label_map(image, cams.astype(np.float32), np.asarray(row["classes"]), config)
                 size = (int(batch["orig_height"][i]), int(batch["orig_width"][i]))
-                labels = _resize_nearest(labels, size)
+                labels = resize_nearest(labels, size)
                 row["ir_labels_png"] = encode_png(labels)
             except Exception as exc:  # noqa: BLE001 - recorded per image
                 row["error"] = f"mining_error: {' '.join(str(exc).split()) or type(exc).__name__}"
         rows.append(row)
     return _rows_to_batch(rows, ("image_id", "uri", "classes", "ir_labels_png", "error"))
-
-
-def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if labels.shape == size:
-        return labels
-    rows = np.minimum((np.arange(size[0]) + 0.5) * labels.shape[0] / size[0], labels.shape[0] - 1).astype(np.int64)
-    cols = np.minimum((np.arange(size[1]) + 0.5) * labels.shape[1] / size[1], labels.shape[1] - 1).astype(np.int64)
-    return labels[np.ix_(rows, cols)]
 
 
 def write_batch(batch: dict, folder: str, options: StorageOptions) -> dict[str, np.ndarray]:
@@ -216,6 +203,19 @@ def write_batch(batch: dict, folder: str, options: StorageOptions) -> dict[str, 
 
 def _cluster_has_gpus() -> bool:
     return float(ray.cluster_resources().get("GPU", 0)) > 0
+
+
+def _check_cpus(options: MiningOptions) -> None:
+    """Refuse a pool whose minimum takes every CPU: Ray Data would start the actors and wait
+    forever for decode / CRF / write tasks that can never be scheduled (2-core trap, ray.md)."""
+    total = float(ray.cluster_resources().get("CPU", 0))
+    needed = int(options.min_actors) * float(options.cpus_per_actor) + float(options.crf_cpus) + float(options.decode_cpus)
+    if total > 0 and needed > total:
+        raise ValueError(
+            f"{options.min_actors} CAM actor(s) x {options.cpus_per_actor} CPU plus one CRF task ({options.crf_cpus}) "
+            f"and one decode task ({options.decode_cpus}) need {needed:g} CPUs, the cluster has {total:g}: the job "
+            f"would hang; lower --min-actors, --cpus-per-actor or --crf-cpus (fractions are fine), or add CPUs"
+        )
 
 
 def _prepare_folder(output: str, settings: dict, options: StorageOptions, overwrite: bool) -> dict | None:
@@ -273,6 +273,7 @@ def mine_relations_job(
         "cam_inference": config_to_dict(cam_inference),
         "relations": config_to_dict(relations),
         "max_side": options.max_side,
+        "min_side": options.min_side,
         "images": len(records),
         "fingerprint": rd.records_fingerprint(records),
     }
@@ -282,11 +283,13 @@ def mine_relations_job(
         return {**done["summary"], "already_complete": True, "seconds": time.perf_counter() - started}
 
     ensure_ray()
+    _check_cpus(options)
     use_gpu = _cluster_has_gpus() if options.use_gpu is None else bool(options.use_gpu)
     ds = rd.records_dataset(records)
     ds = ds.map_batches(decode_for_mining, batch_size=options.batch_size, batch_format="numpy",
                         num_cpus=options.decode_cpus,
-                        fn_kwargs={"options": storage_options, "max_side": options.max_side})  # fmt: skip
+                        fn_kwargs={"options": storage_options, "max_side": options.max_side,
+                                   "min_side": options.min_side})  # fmt: skip
     ds = ds.map_batches(
         CamActor, batch_size=options.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=int(options.min_actors), max_size=int(options.max_actors)),

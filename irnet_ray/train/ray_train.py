@@ -99,6 +99,7 @@ STATE_WEIGHTS = "state.pt"
 STATE_META = "state.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _MAX_REPORTED_ERRORS = 1000
+_SHUFFLE_BUFFER_ROWS = 256
 
 
 class TrainingJobError(RuntimeError):
@@ -377,7 +378,10 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = collections.defaultdict(float)
         images = errors = steps = skipped = 0
         failed_entries: list[dict] = []
-        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")
+        # A different order every epoch (rows are whole decoded images; the buffer bounds memory).
+        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy",
+                                     local_shuffle_buffer_size=_SHUFFLE_BUFFER_ROWS,
+                                     local_shuffle_seed=cfg.seed * 100_003 + epoch * 1_009 + rank)  # fmt: skip
         for good, failed, step in _lockstep(batches, world):
             errors += len(failed)
             if config.get("collect_errors"):
@@ -422,6 +426,7 @@ def train_loop_per_worker(config: dict) -> None:
             "images_per_second": all_images / max(elapsed, 1e-9),
             "images": all_images,
             "errors": all_errors,
+            "steps": all_steps // max(world, 1),  # optimiser steps (each worker takes the same)
             "skipped_steps": all_skipped,
             "seconds": elapsed,
         }
@@ -732,16 +737,19 @@ def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size
     latest = _latest_state(run)
     resumed_from = int(latest[1]["epochs_done"]) if latest else None
     run_id = uuid.uuid4().hex[:12]
+    timings: dict[str, float] = {}
     if latest and resumed_from >= epochs:
         state, meta = _read_checkpoint(latest[0])
         errors = list(meta.get("errors", []))
         images = int(meta["history"][-1].get("images", 0)) if meta["history"] else 0
     else:
+        t = time.perf_counter()
         dataset, rows, loop_config = prepare()
         errors: list[dict] = []
         if cache_decoded:
             what = "CAM training set" if kind == "cam" else "IRNet training set"
             dataset, rows, errors = _materialize(dataset, what)
+        timings["materialize_seconds"] = time.perf_counter() - t
         steps = _steps_per_epoch(rows, batch_size, scaling.num_workers)
         loop_config.update({
             "kind": kind,
@@ -752,7 +760,9 @@ def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size
             "known_errors": errors[:_MAX_REPORTED_ERRORS],
             "debug": dict(debug or {}),
         })  # fmt: skip
+        t = time.perf_counter()
         result = _fit(kind, dataset, loop_config, scaling, run)
+        timings["fit_seconds"] = time.perf_counter() - t
         state, meta = _read_checkpoint(result.checkpoint)
         if not cache_decoded:
             errors = list(meta.get("errors", []))
@@ -761,7 +771,7 @@ def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size
     extra = {"errors": errors, "images": images}
     ckpt.save_model(run.model_uri, kind=kind, state_dict=state["model"], config=settings, vocabulary=vocabulary,
                     metrics=history, extra=extra, options=run.storage_options)  # fmt: skip
-    summary_extra = {}
+    summary_extra: dict[str, Any] = dict(timings)
     if kind == "irn":
         summary_extra["mean_displacement"] = [float(v) for v in state["model"]["mean_displacement"]]
     return _summary(kind, run, run_id, history, resumed_from, epochs, errors, images, started, summary_extra)
