@@ -3,7 +3,7 @@
 The same jobs users submit to a cluster, in order:
 train CAM (Ray Train) -> mine relations (Ray Data: CAM actors, CRF tasks) -> train IRNet
 (Ray Train) -> label (Ray Data actor pool -> Parquet pseudo masks, evaluated against the
-held-back ground truth) -> the paper's baselines and Fig. 6 panels -> the evaluation table.
+held-back ground truth, next to the paper's baselines) -> Fig. 6 panels -> the evaluation table.
 Training sees image-level labels only; masks are read for evaluation alone.
 
 Every output of one configuration lives under ``{workdir}/{settings id}/``: rerunning the demo
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from irnet_ray.config import (
@@ -151,8 +150,7 @@ def run_demo(
                                   cpus_per_actor=max(1.0, cores / config.label_actors))
     labeled = stage("label", label_images, records, cam["model_uri"], irn["model_uri"], labels_uri, label_config,
                     storage_options, log=log)
-    # 5. The paper's baselines on the same images, and Fig. 6 panels.
-    baselines = stage("baselines", evaluate_baselines, records, cam["model_uri"], labels_uri, config, storage_options)
+    # 5. Fig. 6 panels of the first images.
     panels = []
     if config.panels:
         from irnet_ray.visualize import visualize_images
@@ -161,9 +159,15 @@ def run_demo(
                        join(root, "panels"), limit=config.panels, max_side=None, storage_options=storage_options,
                        cam_config=config.cam_inference, synthesis_config=config.synthesis, device=str(device))
 
+    # The labeling job scored the paper's baselines on the same images (Sec. 6).
     metrics = labeled["metrics"] or {}
+    baselines = metrics.get("baselines", {})
     report = {
-        **baselines,
+        "cam_miou": baselines.get("cam", {}).get("miou"),
+        "cam_cc_ap50": baselines.get("cam_components", {}).get("ap50"),
+        "cam_cc_ap70": baselines.get("cam_components", {}).get("ap70"),
+        "boundary_cc_ap50": baselines.get("boundary_components", {}).get("ap50"),
+        "boundary_cc_ap70": baselines.get("boundary_components", {}).get("ap70"),
         "pseudo_miou": metrics.get("miou"),
         "ap50": metrics.get("ap50"),
         "ap70": metrics.get("ap70"),
@@ -194,51 +198,6 @@ def _log_epochs(log: Callable[[str], None], kind: str, summary: dict) -> None:
     for m in summary["history"]:
         log(f"  {kind} epoch {int(m['epoch']) + 1}: loss {m['loss']:.4f} lr {m['lr']:.4f} "
             f"{m['images_per_second']:.1f} img/s")  # fmt: skip
-
-
-def evaluate_baselines(records, cam_model_uri: str, labels_uri: str, config: DemoConfig,
-                       storage_options: StorageOptions = StorageOptions()) -> dict:  # fmt: skip
-    """The paper's comparison rows (Sec. 6) on the built-in set, next to the labeling job's own:
-    raw CAM mIoU, CAM + connected components, and connected components of the job's
-    boundary-propagated semantic labels ("CAM + class boundary"). The semantic labels are read
-    back from the job's committed Parquet output."""
-    from irnet_ray.data.output_format import decode_semantic
-    from irnet_ray.data.parquet_files import read_table
-    from irnet_ray.data.sources import load_synthetic
-    from irnet_ray.data.storage import read_bytes
-    from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
-    from irnet_ray.inference import infer_cams
-    from irnet_ray.models.cam import cam_semantic_labels
-    from irnet_ray.synthesis import cam_connected_components
-    from irnet_ray.train.checkpoint import load_cam_model
-
-    manifest = json.loads(read_bytes(join(labels_uri, "_manifest.json"), storage_options))
-    semantic_of = {}
-    for file in manifest["data_files"]:
-        table = read_table(join(labels_uri, file["path"]), storage_options, columns=["image_id", "semantic_png"])
-        semantic_of.update(zip(table.column("image_id").to_pylist(), table.column("semantic_png").to_pylist()))
-    model, meta = load_cam_model(cam_model_uri, storage_options)
-    model = model.to(resolve_device(config.device)).eval()
-    num_classes = len(meta["vocabulary"])
-    cam_eval = SemanticEvaluator(num_classes + 1)
-    cam_cc, boundary_cc = InstanceEvaluator(num_classes), InstanceEvaluator(num_classes)
-    for record in records:
-        sample = load_synthetic(record.uri)
-        cams = infer_cams(model, sample.image, record.classes, config.cam_inference)
-        highres = cams.highres.cpu().numpy()
-        cam_labels = cam_semantic_labels(cams.highres, cams.classes, config.cam_inference.eval_background_threshold)
-        cam_labels = cam_labels.cpu().numpy()
-        cam_eval.process(cam_labels, sample.semantic)
-        ids = np.arange(1, len(sample.instance_classes) + 1)
-        gt_masks, gt_classes = sample.instances[None] == ids[:, None, None], np.asarray(sample.instance_classes)
-        cc = cam_connected_components(cam_labels, highres, sample.classes)
-        cam_cc.process(cc.masks, cc.classes, cc.scores, gt_masks, gt_classes)
-        if record.image_id in semantic_of:
-            bcc = cam_connected_components(decode_semantic(semantic_of[record.image_id]), highres, sample.classes)
-            boundary_cc.process(bcc.masks, bcc.classes, bcc.scores, gt_masks, gt_classes)
-    cam_sem, cc, bcc = cam_eval.evaluate(), cam_cc.evaluate(), boundary_cc.evaluate()
-    return {"cam_miou": cam_sem["miou"], "cam_cc_ap50": cc["ap50"], "cam_cc_ap70": cc["ap70"],
-            "boundary_cc_ap50": bcc["ap50"], "boundary_cc_ap70": bcc["ap70"]}  # fmt: skip
 
 
 def format_table(report: dict) -> str:

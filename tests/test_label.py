@@ -16,6 +16,10 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ from irnet_ray.cli import main
 from irnet_ray.config import BackboneConfig, CamInferenceConfig, SynthesisConfig, config_to_dict
 from irnet_ray.data import output_format as of
 from irnet_ray.data.decode import encode_png
-from irnet_ray.data.sources import EmptyImageSetError, ImageRecord, load_synthetic, synthetic_records
+from irnet_ray.data.sources import EmptyImageSetError, ImageRecord, builtin_spec, load_synthetic, synthetic_records
 from irnet_ray.data.storage import StorageOptions, StorageUnreachable, write_bytes
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
@@ -125,6 +129,23 @@ def _assert_exactly_once(records, output: Path):
     return manifest, labels, errors
 
 
+def _read_with_duckdb(output: Path, manifest: dict, labels: list[dict]) -> None:
+    """The DuckDB queries of docs/output-format.md return what pyarrow read."""
+    import duckdb
+
+    files = [str(output / f["path"]) for f in manifest["data_files"]]
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW labels AS SELECT * FROM read_parquet({files!r})")
+    rows = con.execute("SELECT image_id, height, width, len(instances) AS n FROM labels ORDER BY n DESC").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(row["image_id"] for row in labels)
+    assert {r[0]: r[3] for r in rows} == {row["image_id"]: len(row["instances"]) for row in labels}
+    instances = con.execute("SELECT image_id, i.class_name, i.score, i.area, i.bbox "
+                            "FROM (SELECT image_id, unnest(instances) AS i FROM labels)").fetchall()  # fmt: skip
+    assert len(instances) == sum(len(row["instances"]) for row in labels)
+    listed = con.execute(f"SELECT unnest(data_files).path FROM read_json_auto('{output}/_manifest.json')").fetchall()
+    assert sorted(path for (path,) in listed) == sorted(f["path"] for f in manifest["data_files"])
+
+
 def _check_row_sizes(row: dict, size: tuple[int, int]) -> None:
     """The semantic PNG (Pillow) and every instance RLE (pycocotools) decode at ``size``."""
     assert (row["height"], row["width"]) == size
@@ -145,6 +166,7 @@ def _check_row_sizes(row: dict, size: tuple[int, int]) -> None:
 def test_score_records_merge_into_the_same_metrics_as_one_pass():
     rng = np.random.default_rng(0)
     whole_sem, whole_ins = SemanticEvaluator(3), InstanceEvaluator(2)
+    cam_whole, cc_whole = SemanticEvaluator(3), InstanceEvaluator(2)
     board = ScoreBoard(2, ("a", "b"))
     for _ in range(5):
         gt_sem = rng.integers(0, 3, (12, 10)).astype(np.uint8)
@@ -158,14 +180,25 @@ def test_score_records_merge_into_the_same_metrics_as_one_pass():
         for k, m in enumerate(gt_masks):
             instances[m] = k + 1
         gt = GroundTruth(gt_sem, instances, np.arange(1, 4, dtype=np.int32), gt_classes)
-        record = json.loads(json.dumps(score_image(2, pred_sem, masks, classes, scores, gt)))  # as committed
+        # Baselines: the CAM row scores only a semantic map, the component rows only instances.
+        cam_sem = rng.integers(0, 3, (12, 10)).astype(np.uint8)
+        cc_masks, cc_classes, cc_scores = masks[::-1].copy(), classes[::-1].copy(), scores[::-1].copy()
+        baselines = {"cam": (cam_sem, None, None, None), "cam_components": (None, cc_masks, cc_classes, cc_scores)}
+        record = json.loads(json.dumps(score_image(2, pred_sem, masks, classes, scores, gt, baselines)))  # as committed
         board.add(record)
         whole_sem.process(pred_sem, gt_sem)
         whole_ins.process(masks, classes, scores, gt.instance_masks(), gt_classes)
+        cam_whole.process(cam_sem, gt_sem)
+        cc_whole.process(cc_masks, cc_classes, cc_scores, gt.instance_masks(), gt_classes)
     merged = ScoreBoard(2).add(board.compact()).evaluate()
     assert merged["images"] == 5
     assert merged["miou"] == whole_sem.evaluate()["miou"]
     assert (merged["ap50"], merged["ap70"]) == (whole_ins.evaluate()["ap50"], whole_ins.evaluate()["ap70"])
+    cam, cc = merged["baselines"]["cam"], merged["baselines"]["cam_components"]
+    assert cam["miou"] == cam_whole.evaluate()["miou"] and cam["ap50"] is None
+    assert cc["miou"] is None and (cc["ap50"], cc["ap70"]) == (cc_whole.evaluate()["ap50"], cc_whole.evaluate()["ap70"])
+    with pytest.raises(ValueError, match="unknown baseline"):
+        score_image(2, pred_sem, masks, classes, scores, gt, {"crf": (pred_sem, None, None, None)})
 
 
 def test_committer_never_commits_an_image_twice(tmp_path):
@@ -319,6 +352,10 @@ def test_end_to_end_on_s3(ray_cluster, models, synthetic, s3_server, s3_client, 
     assert metrics["miou"] == pytest.approx(semantic.evaluate()["miou"], abs=1e-9)
     assert metrics["ap50"] == pytest.approx(instance.evaluate()["ap50"], abs=1e-9)
     assert metrics["ap70"] == pytest.approx(instance.evaluate()["ap70"], abs=1e-9)
+    baselines = metrics["baselines"]  # the paper's comparison rows, scored on the same images
+    assert set(baselines) == {"cam", "cam_components", "boundary_components"}
+    assert 0 <= baselines["cam"]["miou"] <= 100 and baselines["cam"]["ap50"] is None
+    assert all(0 <= baselines[k]["ap50"] <= 100 for k in ("cam_components", "boundary_components"))
     assert summary["metrics"]["miou"] == metrics["miou"]
     for stage in ("decode", "inference", "synthesis", "encode", "write"):
         assert manifest["timings"]["seconds"][stage] > 0, stage
@@ -356,11 +393,41 @@ def test_a_stopped_job_is_resumed_and_labels_only_the_rest(ray_cluster, models, 
     assert summary["skipped"] == len(committed)
     assert summary["labeled"] + summary["errors"] == len(records) - len(committed)
     assert summary["total_labeled"] == 12 and summary["total_errors"] == 1
-    manifest, _, errors = _assert_exactly_once(records, output)  # the orphan is gone, nothing twice
+    manifest, labels, errors = _assert_exactly_once(records, output)  # the orphan is gone, nothing twice
     assert [e["reason"] for e in errors] == ["missing"]
+    _read_with_duckdb(output, manifest, labels)
     assert len(manifest["runs"]) == 2
     assert sum(run["labeled"] + run["errors"] for run in manifest["runs"].values()) == len(records)
     assert manifest["metrics"]["images"] == 12  # scores of the first run's images count once
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_driver_is_resumed_and_every_image_is_committed_once(ray_cluster, models, synthetic, tmp_path):
+    """The labeling command in its own process, killed (SIGKILL, no clean-up of any kind) once
+    some files are committed; the same job run again finishes the output exactly once."""
+    cam_uri, irn_uri, _ = models
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "irnet_ray.cli", "label", "--images", builtin_spec(DATA), "--cam", cam_uri,
+               "--irn", irn_uri, "--output", str(output), "--max-side", "48", "--scales", "1.0", "--walk-steps", "16",
+               "--batch-size", "1", "--rows-per-file", "1", "--cpus-per-actor", "0.5", "--gpus-per-actor", "0"]  # fmt: skip
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200
+        while len(list((output / "_commits").glob("*.json"))) < 2:
+            assert driver.poll() is None, "the labeling job ended before it could be killed"
+            assert time.monotonic() < deadline, "no commit within 200 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    assert not (output / "_manifest.json").exists()
+    committed = set().union(*(out.commit_keys(c) for c in out.read_commits(str(output), StorageOptions())))
+    assert 2 <= len(committed) < 12
+
+    same_labels = dataclasses.replace(CONFIG, synthesis=SynthesisConfig(steps=16))  # what the command labeled with
+    summary = label_images(builtin_spec(DATA), cam_uri, irn_uri, str(output), same_labels)
+    assert summary["skipped"] == len(committed) and summary["labeled"] == 12 - len(committed)
+    _assert_exactly_once(synthetic[0], output)
 
 
 @pytest.mark.timeout(240)

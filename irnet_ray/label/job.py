@@ -385,4 +385,9 @@ def format_summary(summary: dict) -> str:
         parts = [f"{name} {metrics[key]:.1f}" for key, name in (("miou", "mIoU"), ("ap50", "AP^r_50"), ("ap70", "AP^r_70"))
                  if metrics.get(key) is not None]  # fmt: skip
         lines.append(f"evaluation on {metrics['images']} image(s) with ground truth: " + ", ".join(parts))
+        names = {"cam": "CAM", "cam_components": "CAM + components", "boundary_components": "CAM + boundary + components"}
+        for key, part in (metrics.get("baselines") or {}).items():
+            parts = [f"{name} {part[k]:.1f}" for k, name in (("miou", "mIoU"), ("ap50", "AP^r_50"), ("ap70", "AP^r_70"))
+                     if part.get(k) is not None]  # fmt: skip
+            lines.append(f"  baseline {names.get(key, key)}: " + ", ".join(parts))
     return "\n".join(lines)

@@ -29,7 +29,8 @@ from irnet_ray.data.sources import load_synthetic, read_voc_masks
 from irnet_ray.data.storage import StorageOptions, read_bytes
 from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
 
-__all__ = ["GroundTruth", "load_ground_truth", "pack_ground_truth", "unpack_ground_truth", "score_image", "ScoreBoard"]
+__all__ = ["BASELINES", "GroundTruth", "load_ground_truth", "pack_ground_truth", "unpack_ground_truth", "score_image",
+           "ScoreBoard"]
 
 IOU_THRESHOLDS = (0.5, 0.7)
 
@@ -94,22 +95,38 @@ def unpack_ground_truth(data: bytes) -> GroundTruth | None:
                               for name in ("semantic", "instances", "instance_ids", "instance_classes")})  # fmt: skip
 
 
+#: The paper's comparison rows (Sec. 6), scored next to the pseudo labels when ground truth
+#: exists: raw CAM argmax (semantic), connected components of it (instances), and connected
+#: components of the boundary-propagated semantic labels ("CAM + class boundary").
+BASELINES = ("cam", "cam_components", "boundary_components")
+
+
 def score_image(
     num_classes: int,
-    semantic: np.ndarray,
-    masks: np.ndarray,
-    classes: np.ndarray,
-    scores: np.ndarray,
+    semantic: np.ndarray | None,
+    masks: np.ndarray | None,
+    classes: np.ndarray | None,
+    scores: np.ndarray | None,
     gt: GroundTruth,
+    baselines: dict[str, tuple] | None = None,
 ) -> dict:
-    """The score record of one image's labels (at the ground truth's size) against ``gt``."""
+    """The score record of one image's labels (at the ground truth's size) against ``gt``.
+
+    ``semantic`` and/or the instances (``masks``, ``classes``, ``scores``) may be ``None`` (not
+    scored). ``baselines`` maps names of :data:`BASELINES` to the same four values.
+    """
     board = ScoreBoard(num_classes)
-    if gt.semantic is not None:
+    if gt.semantic is not None and semantic is not None:
         board.semantic.process(semantic, gt.semantic)
-    if gt.instances is not None:
+    if gt.instances is not None and masks is not None:
         board.instance.process(masks, classes, scores, gt.instance_masks(), gt.instance_classes)
     board.images = 1
-    return board.compact()
+    record = board.compact()
+    for name, parts in (baselines or {}).items():
+        if name not in BASELINES:
+            raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
+        record.setdefault("baselines", {})[name] = score_image(num_classes, *parts, gt)
+    return record
 
 
 class ScoreBoard:
@@ -121,6 +138,8 @@ class ScoreBoard:
         self.semantic = SemanticEvaluator(self.num_classes + 1, class_names=["background", *names] if names else None)
         self.instance = InstanceEvaluator(self.num_classes, IOU_THRESHOLDS, class_names=names)
         self.images = 0
+        self.class_names = names
+        self.baselines: dict[str, ScoreBoard] = {}
 
     def compact(self) -> dict:
         """The record of everything added so far (sparse evaluator states)."""
@@ -132,8 +151,11 @@ class ScoreBoard:
             if state["num_gt"][c] or state["scores"][c]:
                 instances[str(c + 1)] = {"num_gt": state["num_gt"][c], "scores": state["scores"][c],
                                          "tp": state["tp"][c]}  # fmt: skip
-        return {"images": self.images, "confusion": {"cells": cells.tolist(), "counts": confusion[cells].tolist()},
-                "instances": instances}  # fmt: skip
+        record = {"images": self.images, "confusion": {"cells": cells.tolist(), "counts": confusion[cells].tolist()},
+                  "instances": instances}  # fmt: skip
+        if self.baselines:
+            record["baselines"] = {name: board.compact() for name, board in self.baselines.items()}
+        return record
 
     def add(self, record: dict | None) -> "ScoreBoard":
         """Merge one record (of an image or of a set) into this board."""
@@ -156,6 +178,10 @@ class ScoreBoard:
             instance["num_gt"][c], instance["scores"][c], instance["tp"][c] = part["num_gt"], part["scores"], part["tp"]
         self.instance.merge(InstanceEvaluator.from_state_dict(instance))
         self.images += int(record["images"])
+        for name, part in (record.get("baselines") or {}).items():
+            if name not in self.baselines:
+                self.baselines[name] = ScoreBoard(self.num_classes, self.class_names)
+            self.baselines[name].add(part)
         return self
 
     def evaluate(self) -> dict | None:
@@ -165,7 +191,7 @@ class ScoreBoard:
             return None
         semantic = self.semantic.evaluate() if self.semantic.confusion.sum() else None
         instance = self.instance.evaluate() if sum(self.instance.num_gt) else None
-        return {
+        out = {
             "images": self.images,
             "miou": semantic["miou"] if semantic else None,
             "ap50": instance["ap50"] if instance else None,
@@ -173,3 +199,10 @@ class ScoreBoard:
             "semantic": semantic,
             "instance": instance,
         }
+        if self.baselines:
+            out["baselines"] = {}
+            for name in BASELINES:
+                part = self.baselines[name].evaluate() if name in self.baselines else None
+                if part:
+                    out["baselines"][name] = {k: part[k] for k in ("images", "miou", "ap50", "ap70")}
+        return out

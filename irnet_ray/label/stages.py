@@ -157,7 +157,8 @@ class LabelActor:
 
         timings: dict[str, float] = {}
         image = rd.row_image(row)
-        labels, _ = label_image(self.cam, self.irn, image, classes, self.cam_config, self.synthesis_config, timings)
+        labels, inference = label_image(self.cam, self.irn, image, classes, self.cam_config, self.synthesis_config,
+                                        timings)  # fmt: skip
         started = time.perf_counter()
         size = (int(row["orig_height"]), int(row["orig_width"]))
         out = of.encode_label_row(
@@ -176,12 +177,28 @@ class LabelActor:
                 semantic = of.resize_nearest(labels.semantic, size)
                 masks = of.resize_nearest(labels.instances.masks, size)
                 record = score_image(len(self.models.vocabulary), semantic, masks, labels.instances.classes,
-                                     labels.instances.scores, gt)  # fmt: skip
+                                     labels.instances.scores, gt, self._baselines(inference, labels, size))  # fmt: skip
                 out["score"] = json.dumps(record, separators=(",", ":"))
             except Exception as exc:  # noqa: BLE001 - e.g. ground truth with values outside the classes
                 out["gt_error"] = _text(exc)
         timings["score"] = time.perf_counter() - started + float(row["t_gt"])
         out.update({f"t_{stage}": float(timings.get(stage, 0.0)) for stage in _ACTOR_STAGES})
+        return out
+
+
+    def _baselines(self, inference, labels, size: tuple[int, int]) -> dict[str, tuple]:
+        """The paper's comparison rows for this image (:data:`~.scores.BASELINES`), at ``size``."""
+        from irnet_ray.models.cam import cam_semantic_labels
+        from irnet_ray.synthesis import cam_connected_components
+
+        cams = inference.cams
+        highres, classes = cams.highres.cpu().numpy(), cams.classes.cpu().numpy()
+        cam_labels = cam_semantic_labels(cams.highres, cams.classes, self.cam_config.eval_background_threshold)
+        cam_labels = cam_labels.cpu().numpy()
+        out = {"cam": (of.resize_nearest(cam_labels, size), None, None, None)}
+        for name, semantic in (("cam_components", cam_labels), ("boundary_components", labels.semantic)):
+            parts = cam_connected_components(semantic, highres, classes)
+            out[name] = (None, of.resize_nearest(parts.masks, size), parts.classes, parts.scores)
         return out
 
 

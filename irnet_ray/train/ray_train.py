@@ -197,11 +197,13 @@ def ensure_ray(
     address: str | None = None,
     *,
     object_store_memory: int | None = 256 * 1024**2,
-    include_dashboard: bool = False,
+    include_dashboard: bool = True,
 ) -> None:
     """Connect to ``address`` (a running cluster), or start a local Ray with a small object store.
 
-    Does nothing when Ray is already initialised. ``address`` defaults to ``RAY_ADDRESS``. Token authentication stays as Ray sets it:
+    Does nothing when Ray is already initialised. ``address`` defaults to ``RAY_ADDRESS``. The
+    dashboard is on by default: Ray Train's placement-group cleaner asks its state API about the
+    controller and, without it, warns every few seconds for the whole run. Token authentication stays as Ray sets it:
     only job-submission clients need tokens, ``ray.init`` of a local cluster does not.
     """
     if ray.is_initialized():
