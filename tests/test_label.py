@@ -410,13 +410,19 @@ def test_a_killed_driver_is_resumed_and_every_image_is_committed_once(ray_cluste
     command = [sys.executable, "-m", "irnet_ray.cli", "label", "--images", builtin_spec(DATA), "--cam", cam_uri,
                "--irn", irn_uri, "--output", str(output), "--max-side", "48", "--scales", "1.0", "--walk-steps", "16",
                "--batch-size", "1", "--rows-per-file", "1", "--cpus-per-actor", "0.5", "--gpus-per-actor", "0"]  # fmt: skip
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # The driver holds still after its second commit (test hook) until it is killed: a small job
+    # can otherwise finish between two looks at the folder.
+    env = {**os.environ, "IRNET_RAY_TEST_PAUSE_AFTER_COMMITS": "2"}
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 200
         while len(list((output / "_commits").glob("*.json"))) < 2:
             assert driver.poll() is None, "the labeling job ended before it could be killed"
             assert time.monotonic() < deadline, "no commit within 200 s"
             time.sleep(0.2)
+        time.sleep(1.0)  # the pause, not the end of the job: it must still be running
+        assert driver.poll() is None
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)

@@ -281,6 +281,27 @@ def test_rerun_resumes_from_last_checkpoint_and_skips_finished_runs(ray_cluster,
         train_cam_job(records, vocabulary, **changed)
 
 
+@pytest.mark.timeout(120)
+def test_training_sets_are_materialized_in_input_order(ray_cluster):
+    """Decode tasks finish in any order; the training set keeps the input order, so the seeded
+    shuffle makes a single-worker run repeatable."""
+    import time
+
+    import ray
+
+    from irnet_ray.train.ray_train import _materialize
+
+    def first_rows_finish_last(batch):
+        time.sleep(0.5 * (8 - int(batch["image_id"][0])) / 8)
+        return batch
+
+    ds = ray.data.from_items([{"image_id": str(i), "error": ""} for i in range(8)], override_num_blocks=8)
+    ds = ds.map_batches(first_rows_finish_last, batch_size=1, num_cpus=0.25)
+    materialized, rows, errors = _materialize(ds, "test set")
+    assert [r["image_id"] for r in materialized.take_all()] == [str(i) for i in range(8)]
+    assert rows == 8 and errors == []
+
+
 @pytest.mark.timeout(180)
 def test_worker_death_restarts_from_the_last_checkpoint(ray_cluster, synthetic, tmp_path):
     """The worker process dies at the start of epoch 1: Ray Train starts a new worker group,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import time
 import uuid
 from typing import Callable, Sequence
@@ -33,6 +34,7 @@ __all__ = ["label_images", "LabelJobFailed", "LabelJobInterrupted", "format_summ
 
 _MAX_LISTED_GT_ERRORS = 20
 _MAX_INPUT_BLOCKS = 2000
+_PAUSE_ENV = "IRNET_RAY_TEST_PAUSE_AFTER_COMMITS"
 
 
 class LabelJobFailed(RuntimeError):
@@ -262,11 +264,15 @@ def label_images(
     :class:`~irnet_ray.data.storage.StorageError`.
 
     ``debug`` (tests only): ``stop_after_commits`` (raise :class:`LabelJobInterrupted` after that
-    many commits of this run), ``kill_at_image`` + ``kill_marker`` (see ``LabelActor``).
+    many commits of this run), ``pause_after_commits`` (sleep there, to be killed from outside;
+    also read from ``IRNET_RAY_TEST_PAUSE_AFTER_COMMITS`` so a test can pause a CLI process),
+    ``kill_at_image`` + ``kill_marker`` (see ``LabelActor``).
     """
     log = log or (lambda message: None)
     started = time.perf_counter()
     debug = dict(debug or {})
+    if os.environ.get(_PAUSE_ENV):
+        debug.setdefault("pause_after_commits", int(os.environ[_PAUSE_ENV]))
     run_id = uuid.uuid4().hex[:12]
     if not isinstance(config, LabelJobConfig):
         raise TypeError(f"config must be a LabelJobConfig, got {type(config).__name__}")
@@ -288,6 +294,7 @@ def label_images(
     if input_errors:
         committer.commit({"file": None, "image_ids": [], "errors": input_errors})
     stop_after = debug.pop("stop_after_commits", None)
+    pause_after = debug.pop("pause_after_commits", None)
 
     labeling_started = time.perf_counter()
     gpus = 0.0
@@ -307,6 +314,9 @@ def label_images(
                     commits_this_run += 1
                     if stop_after is not None and commits_this_run >= int(stop_after):
                         raise LabelJobInterrupted(f"stopped after {commits_this_run} commit(s) (test hook)")
+                    if pause_after is not None and commits_this_run >= int(pause_after):
+                        log(f"paused after {commits_this_run} commit(s) (test hook)")
+                        time.sleep(3600)
         except (LabelJobInterrupted, out.LabelJobError):
             raise
         except Exception as exc:

@@ -535,6 +535,10 @@ def _model_if_complete(run: RunOptions, kind: str, settings: dict, epochs: int) 
 
 
 def _materialize(ds, what: str) -> tuple[Any, int, list[dict]]:
+    # In input order, not in the order parallel decode tasks finish: with the seeded shuffle
+    # buffer, a single-worker run then sees the same image order every time it is repeated.
+    # (A dataset carries its own copy of the DataContext, taken when it was built.)
+    ds.context.execution_options.preserve_order = True
     ds = ds.materialize()
     rows = ds.select_columns(["image_id", "error"]).take_all()
     errors = [{"image_id": str(r["image_id"]), "error": str(r["error"])} for r in rows if r["error"]]
