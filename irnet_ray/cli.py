@@ -65,7 +65,7 @@ def _add_demo_parser(commands) -> None:
     parser.set_defaults(handler=_run_demo)
 
 
-def _demo_config(args) -> "DemoConfig":
+def _demo_config(args):
     from irnet_ray.demo import DemoConfig
 
     defaults = DemoConfig()
