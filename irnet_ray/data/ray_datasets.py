@@ -208,10 +208,18 @@ def _column(batch: Any, name: str) -> list:
     return list(values)
 
 
-def _classes(value: Any) -> list[int]:
+def class_ids(value: Any) -> list[int]:
+    """A batch cell of class ids (list, array or None) as a list of ints."""
     if value is None:
         return []
     return [int(c) for c in np.asarray(value).reshape(-1)]
+
+
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array of ``values`` (bytes, lists, ...), never a 2-D array of their items."""
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
 
 
 def _finish(rows: list[dict], with_labels: bool) -> dict[str, np.ndarray]:
@@ -222,9 +230,7 @@ def _finish(rows: list[dict], with_labels: bool) -> dict[str, np.ndarray]:
         if name in ("height", "width"):
             out[name] = np.asarray(values, dtype=np.int64)
         elif name in ("image", "labels", "classes"):
-            column = np.empty(len(values), dtype=object)
-            column[:] = values
-            out[name] = column
+            out[name] = object_column(values)
         else:
             out[name] = np.asarray(values, dtype=object)
     return out
@@ -247,7 +253,7 @@ def decode_batch(
     """
     rows = []
     for image_id, uri, classes in zip(_column(batch, "image_id"), _column(batch, "uri"), _column(batch, "classes")):
-        image_id, classes = str(image_id), _classes(classes)
+        image_id, classes = str(image_id), class_ids(classes)
         try:
             image = downscale(load_image(str(uri), options, max_pixels), max_side)
         except Exception as exc:  # noqa: BLE001 - recorded per image, never fatal
@@ -268,7 +274,7 @@ def decode_ir_batch(
     rows = []
     columns = [_column(batch, name) for name in IR_LABEL_COLUMNS]
     for image_id, uri, classes, png in zip(*columns):
-        image_id, classes = str(image_id), _classes(classes)
+        image_id, classes = str(image_id), class_ids(classes)
         try:
             image = load_image(str(uri), options, max_pixels)
         except Exception as exc:  # noqa: BLE001

@@ -56,16 +56,6 @@ _DECODED = ("image_id", "uri", "classes", "image", "height", "width", "orig_heig
             "gt_error", "t_decode", "t_gt")  # fmt: skip
 
 
-def _object_column(values: list) -> np.ndarray:
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column
-
-
-def _classes(value) -> list[int]:
-    return [] if value is None else [int(c) for c in np.asarray(value).reshape(-1)]
-
-
 def _text(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -78,7 +68,7 @@ def decode_for_labeling(
     for i in range(len(batch["image_id"])):
         started = time.perf_counter()
         uri = str(batch["uri"][i])
-        row = {"image_id": str(batch["image_id"][i]), "uri": uri, "classes": _classes(batch["classes"][i]), "gt": b"",
+        row = {"image_id": str(batch["image_id"][i]), "uri": uri, "classes": rd.class_ids(batch["classes"][i]), "gt": b"",
                "gt_error": "", **rd.decode_keeping_size(uri, options, max_side, max_pixels=max_pixels,
                                                         min_side=min_side)}  # fmt: skip
         row["t_decode"] = time.perf_counter() - started
@@ -90,7 +80,7 @@ def decode_for_labeling(
                 row["gt_error"] = _text(exc)
         row["t_gt"] = time.perf_counter() - started  # counted as scoring time
         rows.append(row)
-    return {name: _object_column([r[name] for r in rows]) for name in _DECODED}
+    return {name: rd.object_column([r[name] for r in rows]) for name in _DECODED}
 
 
 def _ground_truth(batch: dict, i: int, uri: str, size: tuple[int, int], options: StorageOptions) -> bytes:
@@ -137,7 +127,7 @@ class LabelActor:
         rows = []
         for i in range(len(batch["image_id"])):
             row = {name: batch[name][i] for name in _DECODED}
-            base = {"image_id": str(row["image_id"]), "uri": str(row["uri"]), "classes": _classes(row["classes"]),
+            base = {"image_id": str(row["image_id"]), "uri": str(row["uri"]), "classes": rd.class_ids(row["classes"]),
                     "run_id": self.run_id, "gt_error": str(row["gt_error"]), "t_decode": float(row["t_decode"])}  # fmt: skip
             if row["error"]:
                 reason, _, message = str(row["error"]).partition(": ")

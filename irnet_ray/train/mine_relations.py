@@ -91,14 +91,8 @@ def _column(batch: dict, name: str) -> list:
     return list(batch[name])
 
 
-def _object_column(values: list) -> np.ndarray:
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column
-
-
 def _rows_to_batch(rows: list[dict], names: Sequence[str]) -> dict[str, np.ndarray]:
-    return {name: _object_column([r[name] for r in rows]) for name in names}
+    return {name: rd.object_column([r[name] for r in rows]) for name in names}
 
 
 _DECODED = ("image_id", "uri", "classes", "image", "height", "width", "orig_height", "orig_width", "error")
@@ -110,7 +104,7 @@ def decode_for_mining(batch: dict, options: StorageOptions, max_side: int | None
     rows = []
     for image_id, uri, classes in zip(_column(batch, "image_id"), _column(batch, "uri"), _column(batch, "classes")):
         rows.append({"image_id": str(image_id), "uri": str(uri),
-                     "classes": [int(c) for c in np.asarray(classes).reshape(-1)],
+                     "classes": rd.class_ids(classes),
                      **rd.decode_keeping_size(str(uri), options, max_side, min_side=min_side)})  # fmt: skip
     return _rows_to_batch(rows, _DECODED)
 
@@ -139,7 +133,7 @@ class CamActor:
             cams_column.append(b"")
             if error:
                 continue
-            classes = [int(c) for c in np.asarray(out["classes"][i]).reshape(-1)]
+            classes = rd.class_ids(out["classes"][i])
             if classes and max(classes) > self.num_classes:
                 out["error"][i] = (f"bad_classes: class id {max(classes)} is outside the CAM model's "
                                    f"vocabulary (1..{self.num_classes})")  # fmt: skip
@@ -148,8 +142,8 @@ class CamActor:
             image = rd.row_image({k: out[k][i] for k in ("image", "height", "width")})
             cams = infer_cams(self.model, image, classes, self.config).highres
             cams_column[-1] = cams.to("cpu", torch.float16).numpy().tobytes()
-        result = {name: _object_column(out[name]) for name in _DECODED}
-        result["cams"] = _object_column(cams_column)
+        result = {name: rd.object_column(out[name]) for name in _DECODED}
+        result["cams"] = rd.object_column(cams_column)
         return result
 
 
@@ -161,7 +155,7 @@ def crf_batch(batch: dict, relations: dict) -> dict[str, np.ndarray]:
     rows = []
     for i in range(len(batch["image_id"])):
         row = {"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]),
-               "classes": [int(c) for c in np.asarray(batch["classes"][i]).reshape(-1)],
+               "classes": rd.class_ids(batch["classes"][i]),
                "ir_labels_png": b"", "error": str(batch["error"][i])}  # fmt: skip
         if not row["error"]:
             try:
@@ -188,13 +182,13 @@ def write_batch(batch: dict, folder: str, options: StorageOptions) -> dict[str, 
         table = pa.table({
             "image_id": pa.array([ids[i] for i in good], pa.string()),
             "uri": pa.array([str(batch["uri"][i]) for i in good], pa.string()),
-            "classes": pa.array([[int(c) for c in np.asarray(batch["classes"][i]).reshape(-1)] for i in good],
+            "classes": pa.array([rd.class_ids(batch["classes"][i]) for i in good],
                                 pa.list_(pa.int64())),
             "ir_labels_png": pa.array([bytes(batch["ir_labels_png"][i]) for i in good], pa.binary()),
         })  # fmt: skip
         file_uri = write_table(folder, content_name("part", [ids[i] for i in good]), table, options)["uri"]
     files = [file_uri if not e else "" for e in errors]
-    return {"image_id": _object_column(ids), "error": _object_column(errors), "file": _object_column(files)}
+    return {"image_id": rd.object_column(ids), "error": rd.object_column(errors), "file": rd.object_column(files)}
 
 
 # --------------------------------------------------------------------------------------
