@@ -26,7 +26,7 @@ from irnet_ray.models.cam import CamNet, CamOutput, multiscale_cams, normalize_i
 from irnet_ray.models.irnet import IRNet, crop_to_image
 from irnet_ray.synthesis import SynthesizedLabels, synthesize_labels
 
-__all__ = ["ImageInference", "image_tensor", "infer_cams", "infer_image", "label_image"]
+__all__ = ["ImageInference", "image_tensor", "infer_cams", "infer_cams_batch", "infer_image", "label_image", "label_batch"]
 
 
 @dataclass
@@ -117,3 +117,37 @@ def _wait_for_device(tensor: torch.Tensor) -> None:
 
 def _size(image: np.ndarray | torch.Tensor) -> tuple[int, int]:
     return tuple(image.shape[:2]) if isinstance(image, np.ndarray) else tuple(image.shape[1:])
+
+
+# Batched entry points. INTERIM: per-image loops with the final signatures, so that the Ray
+# stages can call them; the bucketed single-backbone-call implementation replaces these bodies.
+
+
+@torch.no_grad()
+def infer_cams_batch(cam_model: CamNet, images, classes, config: CamInferenceConfig = CamInferenceConfig()) -> list[CamOutput]:
+    """:func:`infer_cams` of many images (one ``classes`` list per image), one result per image."""
+    return [infer_cams(cam_model, image, c, config) for image, c in zip(images, classes, strict=True)]
+
+
+@torch.no_grad()
+def label_batch(
+    cam_model: CamNet,
+    irnet: IRNet,
+    images,
+    classes,
+    cam_config: CamInferenceConfig = CamInferenceConfig(),
+    synthesis_config: SynthesisConfig = SynthesisConfig(),
+    timings: dict[str, float] | None = None,
+) -> list[tuple[SynthesizedLabels, ImageInference]]:
+    """:func:`label_image` of many images: one ``(labels, inference)`` per image, in order.
+
+    ``timings``, when given, receives the batch's summed seconds per stage.
+    """
+    results = []
+    for image, c in zip(images, classes, strict=True):
+        own: dict[str, float] = {}
+        results.append(label_image(cam_model, irnet, image, c, cam_config, synthesis_config, own))
+        if timings is not None:
+            for key, value in own.items():
+                timings[key] = timings.get(key, 0.0) + value
+    return results
