@@ -101,7 +101,7 @@ def _seeded_models(folder: Path, vocabulary, arch: str) -> tuple[str, str]:
     from irnet_ray.config import BackboneConfig, config_to_dict
     from irnet_ray.models.cam import CamNet
     from irnet_ray.models.irnet import IRNet
-    from irnet_ray.train import checkpoint as ckpt
+    from irnet_ray import model_files
 
     torch.manual_seed(0)
     backbone = BackboneConfig(arch=arch)
@@ -109,8 +109,8 @@ def _seeded_models(folder: Path, vocabulary, arch: str) -> tuple[str, str]:
     irn = IRNet(cam.backbone.channels)
     cam_uri, irn_uri = str(folder / "cam"), str(folder / "irn")
     config = {"backbone": config_to_dict(backbone)}
-    ckpt.save_model(cam_uri, kind="cam", state_dict=cam.state_dict(), config=config, vocabulary=vocabulary, metrics=[])
-    ckpt.save_model(irn_uri, kind="irn", state_dict=irn.state_dict(), config={**config, "cam_model": cam_uri},
+    model_files.save_model(cam_uri, kind="cam", state_dict=cam.state_dict(), config=config, vocabulary=vocabulary, metrics=[])
+    model_files.save_model(irn_uri, kind="irn", state_dict=irn.state_dict(), config={**config, "cam_model": cam_uri},
                     vocabulary=vocabulary, metrics=[])  # fmt: skip
     return cam_uri, irn_uri
 

@@ -176,6 +176,16 @@ def _add_visualize_parser(commands) -> None:
 # --------------------------------------------------------------------------------------
 # shared flags of the distributed commands
 
+def _auto_int(text: str) -> int | None:
+    """An integer flag that also takes ``auto`` (``None``: sized from the cluster)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def _user_errors() -> tuple:
     from irnet_ray.data.storage import StorageError
 
@@ -278,7 +288,7 @@ def _finish(command: str, summary: dict, args, lines: list[str]) -> int:
 def _error_lines(errors: list[dict]) -> list[str]:
     if not errors:
         return []
-    from irnet_ray.data.ray_datasets import summarize_errors
+    from irnet_ray.data.images import summarize_errors
 
     return [f"  {len(errors)} image(s) could not be used: {summarize_errors(errors)}"]
 
@@ -374,7 +384,7 @@ def _add_train_cam_parser(commands) -> None:
 
 def _add_mine_relations_parser(commands) -> None:
     from irnet_ray.config import CamInferenceConfig, RelationConfig
-    from irnet_ray.train.mine_relations import MiningOptions
+    from irnet_ray.mining import MiningOptions
 
     cam, relations, mining = CamInferenceConfig(), RelationConfig(), MiningOptions()
     parser = commands.add_parser(
@@ -400,22 +410,24 @@ def _add_mine_relations_parser(commands) -> None:
                         help="mine on images downscaled to this long side (labels are stored at full size)")
     group = parser.add_argument_group("Ray Data resources")
     group.add_argument("--min-actors", type=int, default=mining.min_actors, help="CAM actors kept at least")
-    group.add_argument("--max-actors", type=int, default=mining.max_actors, help="CAM actors at most (autoscaling)")
+    group.add_argument("--max-actors", type=_auto_int, default="auto",
+                       help="CAM actors at most (autoscaling); auto: one per GPU of the cluster, or what fits its CPUs")
     group.add_argument("--gpus-per-actor", type=float, default=mining.gpus_per_actor, help="when the cluster has GPUs")
     group.add_argument("--cpus-per-actor", type=float, default=mining.cpus_per_actor)
     group.add_argument("--crf-cpus", type=float, default=mining.crf_cpus, help="CPUs per CRF task")
-    group.add_argument("--batch-size", type=int, default=mining.batch_size)
+    group.add_argument("--batch-size", type=_auto_int, default="auto",
+                       help="images per actor call; auto: 16 on a GPU, 4 on a CPU")
     group.add_argument("--rows-per-file", type=int, default=mining.rows_per_file)
     _add_storage_flags(parser)
 
     def run(args) -> int:
         from irnet_ray.data.sources import ClassVocabulary
-        from irnet_ray.train import checkpoint as ckpt
-        from irnet_ray.train.mine_relations import mine_relations_job
+        from irnet_ray import model_files
+        from irnet_ray.mining import mine_relations_job
 
         def job() -> int:
             options = _storage_options(args)
-            _, meta = ckpt.load_model(args.cam, options)
+            meta = model_files.read_model_meta(args.cam, options, "--cam")
             if not args.vocabulary:  # class names resolve to the ids the CAM model was trained with
                 from irnet_ray.data.sources import load_records
 
@@ -531,12 +543,14 @@ def _add_label_parser(commands) -> None:
     parser.add_argument("--no-eval", action="store_true", help="do not score the labels against ground truth")
     group = parser.add_argument_group("Ray Data resources")
     group.add_argument("--min-actors", type=int, default=defaults.min_actors, help="labeling actors kept at least")
-    group.add_argument("--max-actors", type=int, default=defaults.max_actors, help="labeling actors at most (autoscaling)")
+    group.add_argument("--max-actors", type=_auto_int, default="auto",
+                       help="labeling actors at most (autoscaling); auto: one per GPU of the cluster, or what fits its CPUs")
     group.add_argument("--gpus-per-actor", type=float, default=None,
                        help="GPUs per actor, fractions allowed; 0 labels on CPU; unset: 1 when the cluster has GPUs, else 0")
     group.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor)
     group.add_argument("--decode-cpus", type=float, default=defaults.decode_cpus, help="CPUs per decode task")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per actor call")
+    group.add_argument("--batch-size", type=_auto_int, default="auto",
+                       help="images per actor call (one batched model call); auto: 16 on a GPU, 4 on a CPU")
     group.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="rows per Parquet file")
     _add_storage_flags(parser)
 

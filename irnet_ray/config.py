@@ -8,6 +8,7 @@ next to every checkpoint and every output it produced.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any, Mapping, TypeVar
 
@@ -17,6 +18,12 @@ T = TypeVar("T")
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-serialisable dict of a (nested) config dataclass."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def settings_id(settings: Any) -> str:
+    """``sha256:<hex>`` of the canonical JSON of ``settings`` (recorded settings are compared by it)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def config_from_dict(cls: type[T], values: Mapping[str, Any]) -> T:

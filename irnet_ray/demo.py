@@ -75,12 +75,6 @@ class DemoConfig:
             raise ValueError("DemoConfig needs train_workers >= 1, label_actors >= 1 and panels >= 0")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def demo_id(config: DemoConfig) -> str:
     """A short id of the settings: the folder of this configuration's runs."""
     return hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode()).hexdigest()[:10]
@@ -100,7 +94,7 @@ def run_demo(
     """
     from irnet_ray.data.sources import builtin_spec, synthetic_records
     from irnet_ray.label import LabelJobConfig, label_images
-    from irnet_ray.train.mine_relations import MiningOptions, mine_relations_job
+    from irnet_ray.mining import MiningOptions, mine_relations_job
     from irnet_ray.train.ray_train import RunOptions, ScalingOptions, ensure_ray, train_cam_job, train_irn_job
 
     started = time.perf_counter()

@@ -26,7 +26,18 @@ from irnet_ray.models.cam import CamNet, CamOutput, multiscale_cams, normalize_i
 from irnet_ray.models.irnet import IRNet, crop_to_image
 from irnet_ray.synthesis import SynthesizedLabels, synthesize_labels
 
-__all__ = ["ImageInference", "image_tensor", "infer_cams", "infer_cams_batch", "infer_image", "label_image", "label_batch"]
+__all__ = ["ImageInference", "ImageTooLargeForDevice", "resolve_device", "image_tensor", "infer_cams", "infer_cams_batch", "infer_image", "label_image", "label_batch"]
+
+
+class ImageTooLargeForDevice(RuntimeError):
+    """One image alone does not fit the device's memory (the batch was already split down)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` or ``"cuda"``: the GPU when there is one, else the CPU; any other name as is."""
+    if name in ("auto", "cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @dataclass

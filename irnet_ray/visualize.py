@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from irnet_ray.config import CamInferenceConfig, SynthesisConfig
-from irnet_ray.data.storage import StorageNotFound, StorageOptions, join, write_bytes
+from irnet_ray.data.storage import StorageOptions, join, write_bytes
 from irnet_ray.data.synthetic import colorize_labels
 from irnet_ray.inference import ImageInference
 from irnet_ray.synthesis import SynthesizedLabels, upsample_to_image
@@ -287,19 +287,18 @@ def visualize_images(
     written: an unknown id or an unreadable image raises :class:`VisualizeError` and writes nothing.
     ``figure6.png`` is written last, so a folder without it holds an unfinished run.
     """
-    from irnet_ray.data.ray_datasets import downscale, error_text, load_image
+    from irnet_ray.data.images import downscale, error_text, load_image
     from irnet_ray.data.sources import ClassVocabulary, load_records
-    from irnet_ray.demo import resolve_device
-    from irnet_ray.inference import label_image
-    from irnet_ray.train.checkpoint import load_irn_model
+    from irnet_ray.inference import label_batch, resolve_device
+    from irnet_ray.model_files import ModelFileError, check_model_pair, load_model_pair
 
     try:
-        irnet, cam_model, meta = load_irn_model(irn_uri, storage_options, cam_directory=cam_uri)
-    except StorageNotFound as exc:
-        where = f"IRNet model {irn_uri}, CAM model {cam_uri or 'as the IRNet model records'}"
-        raise VisualizeError(f"no model there: {exc} ({where})") from None
+        models = check_model_pair(cam_uri, irn_uri, storage_options)
+        cam_model, irnet = load_model_pair(models, storage_options)
+    except ModelFileError as exc:
+        raise VisualizeError(str(exc)) from None
     # The set's class names are read with the models' vocabulary, so ids mean the same classes.
-    records, _ = load_records(images_spec, storage_options, vocabulary=ClassVocabulary(tuple(meta["vocabulary"])))
+    records, _ = load_records(images_spec, storage_options, vocabulary=ClassVocabulary(models.vocabulary))
     chosen = _choose(records, image_ids, limit)
 
     images, failures = [], []
@@ -315,8 +314,8 @@ def visualize_images(
     target = resolve_device(device)
     cam_model, irnet = cam_model.to(target).eval(), irnet.to(target).eval()
     rows, written = [], []
-    for position, (record, image) in enumerate(zip(chosen, images)):
-        labels, inference = label_image(cam_model, irnet, image, record.classes, cam_config, synthesis_config)
+    results = label_batch(cam_model, irnet, images, [r.classes for r in chosen], cam_config, synthesis_config)
+    for position, (record, image, (labels, inference)) in enumerate(zip(chosen, images, results)):
         rows.append(figure6_row(image, inference, labels))
         uri = join(output_dir, _file_name(position, record.image_id))
         write_bytes(uri, png_bytes(rows[-1]), storage_options)

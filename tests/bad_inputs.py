@@ -18,7 +18,7 @@ Stable interface (pytest puts ``tests/`` on ``sys.path``: ``from bad_inputs impo
   ``(height, width)`` is the size of the decoded **original** image (EXIF rotation applied,
   before any downscaling for inference) and ``reason`` is the code the per-image error must
   carry: one of :data:`irnet_ray.data.decode.DECODE_REASONS`, ``missing`` (as
-  :func:`irnet_ray.data.ray_datasets.error_text` names a missing file), or one of the
+  :func:`irnet_ray.data.images.error_text` names a missing file), or one of the
   job-level codes :data:`JOB_REASONS` that only the labeling job can give.
 
 What the labeling job must do with each kind (``KINDS`` below, keyed by image id)

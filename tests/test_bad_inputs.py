@@ -15,7 +15,8 @@ from PIL import Image, UnidentifiedImageError
 from bad_inputs import JOB_REASONS, KINDS, MIN_LABEL_SIDE, build_bad_input_corpus, corpus_records
 from irnet_ray.config import BackboneConfig, CamInferenceConfig, SynthesisConfig
 from irnet_ray.data.decode import DECODE_REASONS, ImageDecodeError, decode_image
-from irnet_ray.data.ray_datasets import decode_batch, downscale, row_image
+from irnet_ray.data.images import downscale, row_image
+from irnet_ray.data.ray_datasets import decode_batch
 from irnet_ray.data.sources import ClassVocabulary, ManifestError, read_manifest
 from irnet_ray.inference import label_image
 from irnet_ray.models.cam import CamNet

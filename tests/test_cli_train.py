@@ -12,7 +12,7 @@ from PIL import Image
 from irnet_ray.cli import main
 from irnet_ray.data.sources import load_synthetic, synthetic_records
 from irnet_ray.data.synthetic import SyntheticConfig
-from irnet_ray.train import checkpoint as ckpt
+from irnet_ray import model_files
 
 WORKER = ["--num-workers", "1", "--cpus-per-worker", "0.5", "--gpus-per-worker", "0"]
 SMALL_CAM = ["--arch", "resnet18", "--train-batchnorm", "--first-trainable-stage", "0", "--epochs", "2",
@@ -44,7 +44,7 @@ def test_training_commands_chain_and_resume(ray_cluster, tmp_path, capsys):
     assert "2 image(s) could not be used" in out and "'missing': 1" in out
     summary = json.loads((tmp_path / "cam.json").read_text())
     assert summary["images"] == 8 and len(summary["history"]) == 2
-    _, meta = ckpt.load_model(str(runs / "cam" / "model"))
+    _, meta = model_files.load_model(str(runs / "cam" / "model"))
     assert meta["kind"] == "cam" and meta["vocabulary"] == list(vocabulary.names)
 
     assert main(cam_args) == 0  # the same run again: nothing is retrained
@@ -62,7 +62,7 @@ def test_training_commands_chain_and_resume(ray_cluster, tmp_path, capsys):
                  "--pair-radius", "5", *WORKER]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "IRNet model:" in out and "mean displacement" in out
-    _, meta = ckpt.load_model(str(runs / "irn" / "model"))
+    _, meta = model_files.load_model(str(runs / "irn" / "model"))
     assert meta["kind"] == "irn" and len(meta["extra"]["mean_displacement"]) == 2
     assert all(np.isfinite(meta["extra"]["mean_displacement"]))
 

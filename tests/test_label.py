@@ -40,12 +40,13 @@ from irnet_ray.data.storage import StorageOptions, StorageUnreachable, write_byt
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
 from irnet_ray.label import LabelJobConfig, LabelJobError, label_images
-from irnet_ray.label import output as out
-from irnet_ray.label.job import LabelJobInterrupted, _Committer
+from irnet_ray.pipeline import commit_log as out
+from irnet_ray.label.job import LabelJobInterrupted
+from irnet_ray.model_files import ModelFileError
 from irnet_ray.label.scores import GroundTruth, ScoreBoard, score_image
 from irnet_ray.models.cam import CamNet
 from irnet_ray.models.irnet import IRNet
-from irnet_ray.train import checkpoint as ckpt
+from irnet_ray import model_files
 
 DATA = SyntheticConfig(num_images=12, image_size=(64, 64), num_classes=2)
 BACKBONE = BackboneConfig(arch="resnet18")
@@ -67,10 +68,10 @@ def _save_models(folder: Path, vocabulary, seed: int, cam_folder: Path | None = 
     irn = IRNet(cam.backbone.channels)
     cam_uri = str(cam_folder or folder / "cam")
     if cam_folder is None:
-        ckpt.save_model(cam_uri, kind="cam", state_dict=cam.state_dict(), config={"backbone": config_to_dict(BACKBONE)},
+        model_files.save_model(cam_uri, kind="cam", state_dict=cam.state_dict(), config={"backbone": config_to_dict(BACKBONE)},
                         vocabulary=vocabulary, metrics=[])  # fmt: skip
     irn_uri = str(folder / "irn")
-    ckpt.save_model(irn_uri, kind="irn", state_dict=irn.state_dict(),
+    model_files.save_model(irn_uri, kind="irn", state_dict=irn.state_dict(),
                     config={"backbone": config_to_dict(BACKBONE), "cam_model": cam_uri},
                     vocabulary=vocabulary, metrics=[])  # fmt: skip
     return cam_uri, irn_uri
@@ -206,7 +207,7 @@ def test_committer_never_commits_an_image_twice(tmp_path):
     job = {"format": of.FORMAT_NAME, "models": {"cam": {"uri": "c", "id": "1"}, "irn": {"uri": "i", "id": "2"}},
            "settings": {}, "settings_id": "s"}  # fmt: skip
     state = out.prepare_output(output, job, StorageOptions(), overwrite=False)
-    committer = _Committer(output, state, 2, StorageOptions(), "run")
+    committer = out.Committer(output, state, StorageOptions(), "run")
 
     def data_file(ids):
         rows = [{**dict.fromkeys(of.LABEL_COLUMNS, ""), "image_id": i, "height": 1, "width": 1, "label_height": 1,
@@ -240,11 +241,11 @@ def _parquet_bytes(table) -> bytes:
 def test_user_mistakes_fail_before_any_work(models, synthetic, tmp_path):
     cam_uri, irn_uri, _ = models
     records = synthetic[0][:2]
-    with pytest.raises(LabelJobError, match="expected an IRNet"):
+    with pytest.raises(ModelFileError, match="expected an IRNet"):
         label_images(records, cam_uri, cam_uri, str(tmp_path / "a"), CONFIG)
-    with pytest.raises(LabelJobError, match="expected a CAM"):
+    with pytest.raises(ModelFileError, match="expected a CAM"):
         label_images(records, irn_uri, irn_uri, str(tmp_path / "a"), CONFIG)
-    with pytest.raises(LabelJobError, match="no model there"):
+    with pytest.raises(ModelFileError, match="no model there"):
         label_images(records, None, str(tmp_path / "nothing"), str(tmp_path / "a"), CONFIG)
     with pytest.raises(EmptyImageSetError):
         label_images([], None, irn_uri, str(tmp_path / "a"), CONFIG)

@@ -24,8 +24,10 @@ from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.inference import infer_cams
 from irnet_ray.models.cam import CamNet
 from irnet_ray.relations import ir_label_map
-from irnet_ray.train import checkpoint as ckpt
-from irnet_ray.train.mine_relations import MANIFEST, MiningOptions, mine_relations_job
+from irnet_ray import model_files
+from irnet_ray.mining import MANIFEST, MiningOptions, mine_relations_job
+from irnet_ray.model_files import ModelFileError
+from irnet_ray.pipeline.run import PipelineInterrupted
 
 BACKBONE = BackboneConfig(arch="resnet18", frozen_batchnorm=False, first_trainable_stage=0)
 CAM_INFERENCE = CamInferenceConfig(scales=(1.0, 0.5))
@@ -45,13 +47,13 @@ def cam_model(tmp_path_factory, synthetic):
     torch.manual_seed(0)
     model = CamNet(BACKBONE, vocabulary.num_classes)
     folder = str(tmp_path_factory.mktemp("models") / "cam")
-    ckpt.save_model(folder, kind="cam", state_dict=model.state_dict(), config={"backbone": config_to_dict(BACKBONE)},
+    model_files.save_model(folder, kind="cam", state_dict=model.state_dict(), config={"backbone": config_to_dict(BACKBONE)},
                     vocabulary=vocabulary, metrics=[])  # fmt: skip
     return folder
 
 
 def _expected(cam_folder: str, image: np.ndarray, classes) -> np.ndarray:
-    model, _ = ckpt.load_cam_model(cam_folder)
+    model, _ = model_files.load_cam_model(cam_folder)
     cams = infer_cams(model, image, classes, CAM_INFERENCE).highres
     # The job ships CAMs between stages as float16.
     cams = cams.to(torch.float16).float().numpy()
@@ -60,7 +62,7 @@ def _expected(cam_folder: str, image: np.ndarray, classes) -> np.ndarray:
 
 def _rows(output: str) -> dict[str, dict]:
     manifest = json.loads(open(f"{output}/{MANIFEST}").read())
-    tables = [pq.read_table(f) for f in manifest["files"]]
+    tables = [pq.read_table(f"{output}/{f['path']}") for f in manifest["data_files"]]
     return {row["image_id"]: row for t in tables for row in t.to_pylist()}
 
 
@@ -78,9 +80,9 @@ def test_mining_writes_committed_ir_labels_and_records_failures(ray_cluster, syn
                                  options=OPTIONS)  # fmt: skip
     assert summary["mined"] == 7 and summary["images"] == 11 and not summary["already_complete"]
     reasons = {e["image_id"]: e["error"].split(":")[0] for e in summary["errors"]}
-    assert reasons == {"broken": "not_an_image", "gone": "missing", "alien": "bad_classes", "tiny": "too_small"}
+    assert reasons == {"broken": "not_an_image", "gone": "missing", "alien": "class_out_of_range", "tiny": "too_small"}
     manifest = json.loads(open(f"{output}/{MANIFEST}").read())
-    assert manifest["rows"] == 7 and len(manifest["files"]) >= 2  # rows_per_file = 4
+    assert manifest["rows"] == 7 and len(manifest["data_files"]) >= 2  # rows_per_file = 4
     mined = _rows(output)
     assert sorted(mined) == sorted(r.image_id for r in records)
     for record in records[:3]:
@@ -93,7 +95,7 @@ def test_mining_writes_committed_ir_labels_and_records_failures(ray_cluster, syn
     again = mine_relations_job(rows, cam_model, output, cam_inference=CAM_INFERENCE, relations=RELATIONS,
                                options=OPTIONS)  # fmt: skip
     assert again["already_complete"] and again["mined"] == 7
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="mining settings differ"):
         mine_relations_job(rows, cam_model, output, cam_inference=CAM_INFERENCE,
                            relations=RelationConfig(crf_iterations=4), options=OPTIONS)  # fmt: skip
 
@@ -115,17 +117,19 @@ def test_downscaled_mining_keeps_the_original_size_and_partial_runs_are_redone(r
     Image.fromarray(big).save(path)
     records = [ImageRecord("big", str(path), (1, 2))]
     output = str(tmp_path / "ir")
-    # An unfinished earlier run: the start record and a stray file, no manifest.
-    (tmp_path / "ir").mkdir()
-    (tmp_path / "ir" / rd.IR_LABEL_STARTED).write_text("{}")
-    (tmp_path / "ir" / "part-stale.parquet").write_bytes(b"half a file")
+    options = MiningOptions(max_side=64, cpus_per_actor=0.5, crf_cpus=0.5, rows_per_file=1)
+    # An unfinished earlier run: stopped after its first commit, a stray uncommitted file beside.
+    with pytest.raises(PipelineInterrupted):
+        mine_relations_job(records + [ImageRecord("gone", str(tmp_path / "gone.png"), (1,))], cam_model, output,
+                           cam_inference=CAM_INFERENCE, relations=RELATIONS, options=options,
+                           debug={"stop_after_commits": 1})  # fmt: skip
+    (tmp_path / "ir" / "data" / "part-stale.parquet").write_bytes(b"half a file")
     with pytest.raises(ValueError, match="did not finish"):
         rd.ir_label_dataset(output)
-    options = MiningOptions(max_side=64, cpus_per_actor=0.5, crf_cpus=0.5)
     summary = mine_relations_job(records, cam_model, output, cam_inference=CAM_INFERENCE, relations=RELATIONS,
                                  options=options)  # fmt: skip
     assert summary["mined"] == 1
-    assert not (tmp_path / "ir" / "part-stale.parquet").exists()
+    assert not (tmp_path / "ir" / "data" / "part-stale.parquet").exists()
     labels = decode_png(_rows(output)["big"]["ir_labels_png"])
     assert labels.shape == (120, 150)
 
@@ -156,11 +160,11 @@ def test_bad_arguments_fail_before_any_work(cam_model, tmp_path):
     record = [ImageRecord("a", str(tmp_path / "a.png"), (1,))]
     with pytest.raises(ValueError, match="empty"):
         mine_relations_job([], cam_model, str(tmp_path / "out"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ModelFileError, match="no model there"):
         mine_relations_job(record, str(tmp_path / "no-model"), str(tmp_path / "out"))
     (tmp_path / "occupied").mkdir()
     (tmp_path / "occupied" / "holiday.jpg").write_bytes(b"x")
-    with pytest.raises(ValueError, match="not an irnet-ray relation-mining output"):
+    with pytest.raises(ValueError, match="holds no irnet-ray-ir-labels output"):
         mine_relations_job(record, cam_model, str(tmp_path / "occupied"))
     assert (tmp_path / "occupied" / "holiday.jpg").exists()
     with pytest.raises(ValueError, match="max_actors"):

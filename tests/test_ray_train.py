@@ -28,7 +28,7 @@ from irnet_ray.data.sources import ImageRecord, load_synthetic, synthetic_record
 from irnet_ray.data.storage import StorageOptions, StorageUnreachable
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.models.cam import normalize_images
-from irnet_ray.train import checkpoint as ckpt
+from irnet_ray import model_files
 from irnet_ray.train.ray_train import (
     RunOptions,
     ScalingOptions,
@@ -96,7 +96,8 @@ def _png(array: np.ndarray) -> bytes:
 def test_decode_batch_never_raises_and_downscales(tmp_path, synthetic):
     import pandas as pd
 
-    from irnet_ray.data.ray_datasets import decode_batch, row_image
+    from irnet_ray.data.images import row_image
+    from irnet_ray.data.ray_datasets import decode_batch
 
     records, _ = synthetic
     broken = tmp_path / "broken.jpg"
@@ -119,7 +120,8 @@ def test_decode_batch_never_raises_and_downscales(tmp_path, synthetic):
 
 
 def test_decode_ir_batch_checks_the_label_map(synthetic):
-    from irnet_ray.data.ray_datasets import decode_ir_batch, row_labels
+    from irnet_ray.data.images import row_labels
+    from irnet_ray.data.ray_datasets import decode_ir_batch
 
     records, _ = synthetic
     labels = np.full((64, 64), 255, np.uint8)
@@ -141,18 +143,18 @@ def test_model_files_hold_no_secrets_and_load_weights_only(tmp_path, synthetic):
     _, vocabulary = synthetic
     state = {"w": torch.ones(2)}
     with pytest.raises(ValueError, match="credentials"):
-        ckpt.save_model(str(tmp_path / "m"), kind="cam", state_dict=state, config={"s3": {"secret_key": "x"}},
+        model_files.save_model(str(tmp_path / "m"), kind="cam", state_dict=state, config={"s3": {"secret_key": "x"}},
                         vocabulary=vocabulary, metrics=[])  # fmt: skip
     with pytest.raises(ValueError, match="mean_displacement"):
-        ckpt.save_model(str(tmp_path / "m"), kind="irn", state_dict=state, config={}, vocabulary=vocabulary, metrics=[])
-    ckpt.save_model(str(tmp_path / "m"), kind="cam", state_dict=state, config={"a": 1}, vocabulary=vocabulary,
+        model_files.save_model(str(tmp_path / "m"), kind="irn", state_dict=state, config={}, vocabulary=vocabulary, metrics=[])
+    model_files.save_model(str(tmp_path / "m"), kind="cam", state_dict=state, config={"a": 1}, vocabulary=vocabulary,
                     metrics=[{"epoch": 0, "loss": 1.0}])  # fmt: skip
-    loaded, meta = ckpt.load_model(str(tmp_path / "m"))
+    loaded, meta = model_files.load_model(str(tmp_path / "m"))
     assert torch.equal(loaded["w"], state["w"]) and meta["config"] == {"a": 1} and meta["irnet_ray_version"]
     # A model.pt carrying arbitrary pickled objects is refused, never executed.
     torch.save({"w": torch.ones(2), "payload": _Payload()}, tmp_path / "m" / "model.pt")
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
-        ckpt.load_model(str(tmp_path / "m"))
+        model_files.load_model(str(tmp_path / "m"))
 
 
 class _Payload:
@@ -193,13 +195,13 @@ def test_cam_training_on_two_workers(cam_run, synthetic):
 
     model_dir = cam_run["model_uri"]
     assert os.path.isfile(os.path.join(model_dir, "model.pt")) and os.path.isfile(os.path.join(model_dir, "model.json"))
-    state, meta = ckpt.load_model(model_dir)
+    state, meta = model_files.load_model(model_dir)
     assert meta["kind"] == "cam" and meta["vocabulary"] == list(vocabulary.names)
     assert [m["epoch"] for m in meta["metrics"]] == list(range(CAM.epochs))
     assert meta["config"]["backbone"]["arch"] == "resnet18"
     text = json.dumps(meta).lower()
     assert "secret" not in text and FAKE_SECRET_KEY.lower() not in text
-    model = ckpt.build_cam_model(state, meta)
+    model = model_files.build_cam_model(state, meta)
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
     image = torch.from_numpy(load_synthetic(records[0].uri).image).permute(2, 0, 1)[None]
@@ -225,11 +227,11 @@ def test_irn_training_on_two_workers(cam_run, synthetic, tmp_path):
     mean = summary["mean_displacement"]
     assert len(mean) == 2 and all(np.isfinite(mean))
 
-    state, meta = ckpt.load_model(summary["model_uri"])
+    state, meta = model_files.load_model(summary["model_uri"])
     assert meta["kind"] == "irn" and meta["config"]["cam_model"] == cam_run["model_uri"]
     assert meta["extra"]["mean_displacement"] == pytest.approx(mean)
     assert state["mean_displacement"].tolist() == pytest.approx(mean)
-    irnet, cam, _ = ckpt.load_irn_model(summary["model_uri"])
+    irnet, cam, _ = model_files.load_irn_model(summary["model_uri"])
     assert irnet.mean_displacement.tolist() == pytest.approx(mean)
     image = torch.from_numpy(load_synthetic(records[0].uri).image).permute(2, 0, 1)[None]
     with torch.no_grad():
@@ -272,8 +274,8 @@ def test_rerun_resumes_from_last_checkpoint_and_skips_finished_runs(ray_cluster,
     assert rebuilt["epochs_run"] == [] and rebuilt["resumed_from_epoch"] == 4
     assert time.perf_counter() - started < 20
     assert [h["epoch"] for h in rebuilt["history"]] == [0, 1, 2, 3]
-    state, _ = ckpt.load_model(run.model_uri)
-    reference = ckpt.state_dict_from_bytes(first)
+    state, _ = model_files.load_model(run.model_uri)
+    reference = model_files.state_dict_from_bytes(first)
     assert all(torch.equal(state[k], reference[k]) for k in reference)
 
     changed = dict(kwargs, train=dataclasses.replace(train, lr=0.01))
@@ -353,12 +355,12 @@ def test_s3_images_checkpoints_and_model(ray_cluster, synthetic, s3_server, s3_b
     assert len(checkpoints) == 1
     assert not any(k.startswith("runs/cam-s3/model") and "state" in k for k in keys)
 
-    state, meta = ckpt.load_model(summary["model_uri"], options)
+    state, meta = model_files.load_model(summary["model_uri"], options)
     assert meta["kind"] == "cam" and len(meta["metrics"]) == 1
     assert meta["extra"]["errors"] == summary["errors"]
     body = s3_client.get_object(Bucket=s3_bucket, Key="runs/cam-s3/model/model.json")["Body"].read().decode()
     assert FAKE_SECRET_KEY not in body and FAKE_ACCESS_KEY not in body
-    ckpt.build_cam_model(state, meta)
+    model_files.build_cam_model(state, meta)
 
 
 # --------------------------------------------------------------------------------------

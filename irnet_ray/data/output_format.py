@@ -101,11 +101,13 @@ ERROR_COLUMNS = tuple(ERROR_SCHEMA.names)
 
 #: Reasons found in the input listing itself (stage ``input``).
 INPUT_REASONS = ("duplicate_id", "no_classes", "class_out_of_range")
-#: Reasons of reading / decoding the image (stage ``decode``), see ``ray_datasets.error_text``.
+#: Reasons of reading / decoding the image (stage ``decode``), see ``images.error_text``.
 LOAD_REASONS = DECODE_REASONS + ("missing", "access_denied", "unreachable", "storage_error", "bad_uri", "error")
 #: Every reason of the errors table; ``label_failed`` (stage ``label``): the models or the
-#: synthesis raised for this image (the message holds the exception).
-ERROR_REASONS = INPUT_REASONS + LOAD_REASONS + ("label_failed",)
+#: synthesis raised for this image (the message holds the exception); ``out_of_memory``: the
+#: image alone does not fit the actor's device (lower ``--max-side``); ``mining_failed``
+#: (relation mining, stage ``crf``): the dense CRF raised for this image.
+ERROR_REASONS = INPUT_REASONS + LOAD_REASONS + ("label_failed", "out_of_memory", "mining_failed")
 #: Reasons that may go away by themselves (a store that was down, credentials that were fixed,
 #: an actor that ran out of memory): a rerun on the same output tries these images again.
 TRANSIENT_REASONS = ("access_denied", "unreachable", "storage_error", "error", "label_failed")

@@ -1,13 +1,14 @@
 """Training inputs as Ray Datasets: records -> decoded (and downscaled) image rows.
 
-This is the one module of :mod:`irnet_ray.data` that imports Ray.
+This is the one module of :mod:`irnet_ray.data` that imports Ray; the per-image helpers it
+uses (reading, decoding, downscaling, the row layout) are in :mod:`irnet_ray.data.images`.
 
 Row layout of decoded datasets (what :func:`decode_batch` returns, one row per record)
 
 =============  ==========================================================================
 ``image_id``   the record's id
 ``image``      the RGB pixels as raw bytes of a C-contiguous (H, W, 3) uint8 array
-               (``b""`` when decoding failed); :func:`row_image` turns it back into an array
+               (``b""`` when decoding failed); :func:`~irnet_ray.data.images.row_image` turns it back into an array
 ``height``     H (0 on failure)
 ``width``      W (0 on failure)
 ``classes``    the record's class ids (list of ints)
@@ -40,28 +41,17 @@ only this table and decodes the image in the same map, so no join is needed.
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import json
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
 import ray
-from PIL import Image
 
-from .decode import ImageDecodeError, decode_image, decode_png
-from .sources import ImageRecord, load_synthetic
-from .storage import (
-    StorageAccessDenied,
-    StorageError,
-    StorageNotFound,
-    StorageOptions,
-    StorageUnreachable,
-    exists,
-    join,
-    read_bytes,
-    resolve,
-)
+from .decode import decode_png
+from .images import class_ids, downscale, error_text, load_image, object_column
+from .sources import ImageRecord
+from .storage import StorageNotFound, StorageOptions, exists, join, read_bytes, resolve
 
 __all__ = [
     "IR_LABEL_COLUMNS",
@@ -74,126 +64,24 @@ __all__ = [
     "decode_ir_batch",
     "decode_ir_labels",
     "check_ir_label_schema",
-    "row_image",
-    "row_labels",
-    "load_image",
-    "downscale",
-    "error_text",
-    "decode_keeping_size",
-    "records_fingerprint",
-    "summarize_errors",
 ]
 
 IR_LABEL_COLUMNS = ("image_id", "uri", "classes", "ir_labels_png")
-#: Written by the relation-mining job when every file of its output is in place (the files it
-#: lists are the output), and when it starts (a folder with only this one is unfinished).
+IR_LABEL_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string()), pa.field("uri", pa.string()), pa.field("classes", pa.list_(pa.int64())),
+    pa.field("ir_labels_png", pa.binary()),
+])  # fmt: skip
+#: The ``format`` of a relation-mining output's job record (irnet_ray.pipeline.commit_log).
+IR_FORMAT_NAME = "irnet-ray-ir-labels"
+#: Written by the relation-mining job when every row is committed; lists the output's files.
 IR_LABEL_MANIFEST = "_manifest.json"
-IR_LABEL_STARTED = "_mining_started.json"
+#: Written by the relation-mining job first: a folder with it and no manifest is unfinished.
+IR_LABEL_JOB = "_job.json"
 DECODED_COLUMNS = ("image_id", "image", "height", "width", "classes", "error")
 #: CPUs reserved by each decode task: small, so decoding never starves training workers on a
 #: 2-core machine (and many decode tasks can run next to them on a big one).
 DEFAULT_DECODE_CPUS = 0.25
 DEFAULT_DECODE_BATCH = 16
-
-
-# --------------------------------------------------------------------------------------
-# per image
-
-
-def error_text(exc: BaseException) -> str:
-    """``"<reason>: <message>"`` for an exception raised while reading / decoding one image."""
-    if isinstance(exc, ImageDecodeError):
-        reason = exc.reason
-    elif isinstance(exc, StorageNotFound):
-        reason = "missing"
-    elif isinstance(exc, StorageAccessDenied):
-        reason = "access_denied"
-    elif isinstance(exc, StorageUnreachable):
-        reason = "unreachable"
-    elif isinstance(exc, StorageError):
-        reason = "storage_error"
-    elif isinstance(exc, ValueError):
-        reason = "bad_uri"
-    else:
-        reason = "error"
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{reason}: {message}"
-
-
-def records_fingerprint(records: Sequence[ImageRecord]) -> str:
-    """A short hash of a set's (image id, URI, classes): reruns on another set are told apart."""
-    rows = [(r.image_id, r.uri, list(r.classes)) for r in records]
-    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def summarize_errors(errors: Sequence[dict]) -> str:
-    """``{reason: count} (e.g. id: message; ...)`` of per-image error entries."""
-    reasons = collections.Counter(str(e["error"]).split(":", 1)[0] for e in errors)
-    examples = "; ".join(f"{e['image_id']}: {e['error']}" for e in list(errors)[:3])
-    return f"{dict(reasons)} (e.g. {examples})"
-
-
-def load_image(uri: str, options: StorageOptions, max_pixels: int = 50_000_000) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a storage URI or a ``synthetic://`` image (raises on failure)."""
-    if uri.startswith("synthetic://"):
-        return np.ascontiguousarray(load_synthetic(uri).image)
-    return decode_image(read_bytes(uri, options), max_pixels=max_pixels)
-
-
-def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
-    if not max_side or max(height, width) <= max_side:
-        return height, width
-    factor = max_side / max(height, width)
-    return max(1, round(height * factor)), max(1, round(width * factor))
-
-
-def downscale(image: np.ndarray, max_side: int | None, *, nearest: bool = False) -> np.ndarray:
-    """Resize so that the long side is at most ``max_side`` (never enlarges; ``None``: as is).
-
-    Images use bilinear filtering with antialiasing (Pillow), label maps ``nearest=True``.
-    """
-    height, width = image.shape[:2]
-    size = _scaled_size(height, width, max_side)
-    if size == (height, width):
-        return image
-    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
-    out = Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), resample)
-    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8))
-
-
-def decode_keeping_size(
-    uri: str, options: StorageOptions, max_side: int | None, *, max_pixels: int = 50_000_000, min_side: int = 1
-) -> dict[str, Any]:
-    """Decode an image for a job that writes outputs at the original size; never raises.
-
-    Returns ``image`` (bytes of the downscaled (H, W, 3) array, ``b""`` on failure), ``height``
-    / ``width`` (after downscaling), ``orig_height`` / ``orig_width`` (as decoded, EXIF rotation
-    applied) and ``error`` (``""`` or :func:`error_text`; a side below ``min_side`` is
-    ``too_small``).
-    """
-    fields: dict[str, Any] = {"image": b"", "height": 0, "width": 0, "orig_height": 0, "orig_width": 0, "error": ""}
-    try:
-        original = load_image(uri, options, max_pixels)
-        if min(original.shape[:2]) < int(min_side):
-            height, width = original.shape[:2]
-            raise ImageDecodeError("too_small", f"image of {width}x{height} pixels is smaller than min_side={min_side}")
-        image = downscale(original, max_side)
-    except Exception as exc:  # noqa: BLE001 - recorded per image
-        fields["error"] = error_text(exc)
-        return fields
-    fields.update(image=image.tobytes(), height=image.shape[0], width=image.shape[1],
-                  orig_height=original.shape[0], orig_width=original.shape[1])  # fmt: skip
-    return fields
-
-
-def row_image(row: dict) -> np.ndarray:
-    """The (H, W, 3) uint8 image of a decoded row (a writable copy of the row's bytes)."""
-    return np.frombuffer(row["image"], dtype=np.uint8).reshape(int(row["height"]), int(row["width"]), 3).copy()
-
-
-def row_labels(row: dict) -> np.ndarray:
-    """The (H, W) uint8 IR label map of a decoded IR label row (a writable copy)."""
-    return np.frombuffer(row["labels"], dtype=np.uint8).reshape(int(row["height"]), int(row["width"])).copy()
 
 
 # --------------------------------------------------------------------------------------
@@ -206,20 +94,6 @@ def _column(batch: Any, name: str) -> list:
     if hasattr(values, "tolist") and not isinstance(values, np.ndarray):
         values = values.tolist()  # pandas Series
     return list(values)
-
-
-def class_ids(value: Any) -> list[int]:
-    """A batch cell of class ids (list, array or None) as a list of ints."""
-    if value is None:
-        return []
-    return [int(c) for c in np.asarray(value).reshape(-1)]
-
-
-def object_column(values: list) -> np.ndarray:
-    """A 1-D object array of ``values`` (bytes, lists, ...), never a 2-D array of their items."""
-    column = np.empty(len(values), dtype=object)
-    column[:] = values
-    return column
 
 
 def _finish(rows: list[dict], with_labels: bool) -> dict[str, np.ndarray]:
@@ -353,11 +227,11 @@ def _committed_files(uri: str, options: StorageOptions) -> list[str]:
     for plain Parquet; a mining output without a manifest never finished and is refused."""
     manifest = join(uri, IR_LABEL_MANIFEST)
     if not uri.endswith(".parquet") and exists(manifest, options):
-        files = json.loads(read_bytes(manifest, options)).get("files", [])
+        files = [join(uri, f["path"]) for f in json.loads(read_bytes(manifest, options)).get("data_files", [])]
         if not files:
             raise ValueError(f"the relation-mining output {uri} lists no IR label files")
-        return list(files)
-    if exists(join(uri, IR_LABEL_STARTED), options):
+        return files
+    if exists(join(uri, IR_LABEL_JOB), options):
         raise ValueError(
             f"relation mining into {uri} did not finish (no {IR_LABEL_MANIFEST}); rerun mine-relations "
             f"with the same output to complete it"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
-from irnet_ray.config import CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict
+from irnet_ray.config import CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
 
 __all__ = ["LabelJobConfig", "label_settings", "settings_id", "config_from_settings"]
 
@@ -25,10 +23,11 @@ class LabelJobConfig:
     (nearest neighbour). Images with a side below ``min_side`` pixels (one cell of the stride-16
     CAM) or more than ``max_pixels`` pixels are recorded as errors (``too_small``, ``too_large``).
 
-    Pipeline: ``batch_size`` images per call of a labeling actor, ``decode_batch_size`` per
-    decode task; ``min_actors``..``max_actors`` actors (the pool grows and shrinks with the
-    cluster); ``gpus_per_actor`` (``None``: 1 when the cluster has GPUs, else 0; fractions pack
-    several actors on a GPU), ``cpus_per_actor`` (torch threads follow it), ``decode_cpus`` and
+    Pipeline: ``batch_size`` images per call of a labeling actor (``None``: 16 on a GPU, 4 on a
+    CPU), ``decode_batch_size`` per decode task; ``min_actors``..``max_actors`` actors (the pool
+    grows and shrinks with the cluster; ``max_actors`` ``None``: one per GPU of the cluster, or
+    what fits its CPUs; see :mod:`irnet_ray.pipeline.resources`); ``gpus_per_actor`` (``None``:
+    1 when the cluster has GPUs, else 0; fractions pack several actors on a GPU), ``cpus_per_actor`` (torch threads follow it), ``decode_cpus`` and
     ``write_cpus`` per CPU task; Parquet files of at most ``rows_per_file`` rows.
     """
 
@@ -37,11 +36,11 @@ class LabelJobConfig:
     max_side: int | None = 1024
     min_side: int = 16
     max_pixels: int = 50_000_000
-    batch_size: int = 4
+    batch_size: int | None = None
     decode_batch_size: int = 4
     rows_per_file: int = 1000
     min_actors: int = 1
-    max_actors: int = 1
+    max_actors: int | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
     decode_cpus: float = 0.25
@@ -58,9 +57,9 @@ class LabelJobConfig:
         if int(self.max_pixels) < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         for name in ("batch_size", "decode_batch_size", "rows_per_file"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= int(self.min_actors) <= int(self.max_actors):
+        if int(self.min_actors) < 1 or (self.max_actors is not None and int(self.min_actors) > int(self.max_actors)):
             raise ValueError(f"need 1 <= min_actors <= max_actors, got min {self.min_actors}, max {self.max_actors}")
         if self.gpus_per_actor is not None and float(self.gpus_per_actor) < 0:
             raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
@@ -76,12 +75,6 @@ def label_settings(config: LabelJobConfig) -> dict:
     """The label-deciding settings of ``config`` as plain JSON (recorded with the output)."""
     values = config_to_dict(config)
     return {name: values[name] for name in LABEL_FIELDS}
-
-
-def settings_id(settings: dict) -> str:
-    """``sha256:<hex>`` of the canonical JSON of ``settings``."""
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def config_from_settings(settings: dict) -> tuple[CamInferenceConfig, SynthesisConfig]:

@@ -32,7 +32,7 @@ The math is the plain training code of :mod:`irnet_ray.train.cam` / :mod:`irnet_
   to report ``resumed_from_epoch`` and, when every epoch is already done, skips training.
   ``{storage}/{name}/irnet_run.json`` records the settings of the run: a rerun under the same
   name with different settings is refused instead of silently mixing two trainings.
-* Output: the driver writes the final model with :func:`irnet_ray.train.checkpoint.save_model`
+* Output: the driver writes the final model with :func:`irnet_ray.model_files.save_model`
   to ``{storage}/{name}/model/`` (IRNet: after computing the mean displacement over the
   training images, all-reduced over workers) and returns a summary dict.
 
@@ -69,6 +69,7 @@ from irnet_ray.config import (
     config_from_dict,
     config_to_dict,
 )
+from irnet_ray.data.images import records_fingerprint, row_image, row_labels, summarize_errors
 from irnet_ray.data import ray_datasets as rd
 from irnet_ray.data.sources import ClassVocabulary, ImageRecord
 from irnet_ray.data.storage import (
@@ -81,7 +82,7 @@ from irnet_ray.data.storage import (
     resolve,
     write_bytes,
 )
-from irnet_ray.train import checkpoint as ckpt
+from irnet_ray import model_files
 
 __all__ = [
     "ScalingOptions",
@@ -258,7 +259,7 @@ def _prepare_cam(rows: list[dict], rng: np.random.Generator, cfg: CamTrainConfig
 
     crops, targets = [], []
     for row in rows:
-        image = to_chw_tensor(rd.row_image(row))
+        image = to_chw_tensor(row_image(row))
         crop = augment(image, None, rng, crop_size=cfg.crop_size, long_side_range=tuple(cfg.rescale_long_side),
                        hflip=cfg.hflip)[0]  # fmt: skip
         crops.append(crop)
@@ -272,8 +273,8 @@ def _prepare_irn(rows: list[dict], rng: np.random.Generator, cfg: IrnTrainConfig
 
     crops, labels = [], []
     for row in rows:
-        image = to_chw_tensor(rd.row_image(row))
-        label_map = torch.from_numpy(rd.row_labels(row))
+        image = to_chw_tensor(row_image(row))
+        label_map = torch.from_numpy(row_labels(row))
         crop, crop_labels, _ = augment(image, label_map, rng, crop_size=cfg.crop_size,
                                        scale_range=tuple(cfg.rescale), hflip=cfg.hflip)  # fmt: skip
         crops.append(crop)
@@ -347,7 +348,7 @@ def train_loop_per_worker(config: dict) -> None:
         cfg = config_from_dict(IrnTrainConfig, config["train"])
         relations = config_from_dict(RelationConfig, config["relations"])
         options = StorageOptions(**config["storage_options"])
-        cam, _ = ckpt.load_cam_model(config["cam_model"], options)
+        cam, _ = model_files.load_cam_model(config["cam_model"], options)
         backbone = cam.backbone.to(device).eval().requires_grad_(False)
         torch.manual_seed(cfg.seed)
         net = IRNet(backbone.channels)
@@ -447,7 +448,7 @@ def train_loop_per_worker(config: dict) -> None:
                 for row in _batch_rows(batch):
                     if row["error"]:
                         continue
-                    image = pad_to_multiple(to_chw_tensor(rd.row_image(row))[None])
+                    image = pad_to_multiple(to_chw_tensor(row_image(row))[None])
                     total += mean_displacement(backbone, inner, [image], device).double().cpu()
                     count += 1
             reduced_md = _all_reduce([float(total[0]), float(total[1]), float(count)], world)
@@ -465,7 +466,7 @@ def train_loop_per_worker(config: dict) -> None:
                 state_out = {"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict()}  # fmt: skip
                 with open(os.path.join(folder, STATE_WEIGHTS), "wb") as f:
-                    f.write(ckpt.state_dict_to_bytes(state_out))
+                    f.write(model_files.state_dict_to_bytes(state_out))
                 with open(os.path.join(folder, STATE_META), "w") as f:
                     json.dump({"kind": kind, "epochs_done": epoch + 1, "history": history, "errors": failed_out}, f)
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
@@ -501,7 +502,7 @@ def _check_run_record(run: RunOptions, settings: dict) -> None:
                 f"or the old ones to resume it"
             )
         return
-    ckpt.assert_no_secrets(settings, "run settings")
+    model_files.assert_no_secrets(settings, "run settings")
     record = {"name": run.name, "settings": settings, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_bytes(uri, json.dumps(record, indent=2, sort_keys=True).encode(), options)
 
@@ -525,7 +526,7 @@ def _latest_state(run: RunOptions) -> tuple[Any, dict] | None:
 
 def _model_if_complete(run: RunOptions, kind: str, settings: dict, epochs: int) -> dict | None:
     """The metadata of a finished model of this run, or None."""
-    uri = join(run.model_uri, ckpt.MODEL_META)
+    uri = join(run.model_uri, model_files.MODEL_META)
     if not exists(uri, run.storage_options):
         return None
     meta = json.loads(read_bytes(uri, run.storage_options))
@@ -543,7 +544,7 @@ def _materialize(ds, what: str) -> tuple[Any, int, list[dict]]:
     rows = ds.select_columns(["image_id", "error"]).take_all()
     errors = [{"image_id": str(r["image_id"]), "error": str(r["error"])} for r in rows if r["error"]]
     if rows and len(errors) == len(rows):
-        message = f"every image of the {what} failed to load ({len(rows)} of {len(rows)}): {rd.summarize_errors(errors)}"
+        message = f"every image of the {what} failed to load ({len(rows)} of {len(rows)}): {summarize_errors(errors)}"
         if all(e["error"].startswith("unreachable:") for e in errors):
             raise StorageUnreachable(message)
         raise ValueError(message)
@@ -607,7 +608,7 @@ def _fit(kind: str, dataset, loop_config: dict, scaling: ScalingOptions, run: Ru
 def _read_checkpoint(checkpoint) -> tuple[dict, dict]:
     with checkpoint.as_directory() as folder:
         with open(os.path.join(folder, STATE_WEIGHTS), "rb") as f:
-            state = ckpt.state_dict_from_bytes(f.read())
+            state = model_files.state_dict_from_bytes(f.read())
         with open(os.path.join(folder, STATE_META)) as f:
             meta = json.load(f)
     return state, meta
@@ -657,7 +658,7 @@ def train_cam_job(
         "train": config_to_dict(train),
         "vocabulary": list(vocabulary.names),
         "max_side": max_side,
-        "data": {"images": len(records), "fingerprint": rd.records_fingerprint(records)},
+        "data": {"images": len(records), "fingerprint": records_fingerprint(records)},
     }  # fmt: skip
     def prepare() -> tuple[Any, int, dict]:
         dataset = rd.decode_records(records, storage_options, max_side=max_side, num_cpus=decode_cpus)
@@ -696,7 +697,7 @@ def train_irn_job(
     """
     started = time.perf_counter()
     # User mistakes first, before any worker starts.
-    cam_state, cam_meta = ckpt.load_model(cam_model_uri, storage_options)
+    cam_state, cam_meta = model_files.load_model(cam_model_uri, storage_options)
     if cam_meta["kind"] != "cam":
         raise ValueError(f"{cam_model_uri} holds a {cam_meta['kind']!r} model, expected a CAM model")
     vocabulary = ClassVocabulary(tuple(cam_meta["vocabulary"]))
@@ -775,7 +776,7 @@ def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size
         images = rows - len(errors)
     history = meta["history"]
     extra = {"errors": errors, "images": images}
-    ckpt.save_model(run.model_uri, kind=kind, state_dict=state["model"], config=settings, vocabulary=vocabulary,
+    model_files.save_model(run.model_uri, kind=kind, state_dict=state["model"], config=settings, vocabulary=vocabulary,
                     metrics=history, extra=extra, options=run.storage_options)  # fmt: skip
     summary_extra: dict[str, Any] = dict(timings)
     if kind == "irn":

@@ -1,9 +1,12 @@
-"""The labeling job's output folder: job record, commit log, manifest (no Ray here).
+"""The output folder of a batch-inference job: job record, commit log, manifest (no Ray here).
+
+Labeling (pseudo masks) and relation mining (IR labels) write the same kind of folder; only the
+data files' columns and the job record's ``format`` differ.
 
 Layout of an output folder (local path or ``s3://`` prefix)::
 
-    _job.json            what is being labeled with what: model ids, label settings (first write)
-    data/part-*.parquet  pseudo-mask rows (irnet_ray.data.output_format.LABEL_SCHEMA)
+    _job.json            what is being made with what: format, model ids, settings (first write)
+    data/part-*.parquet  the job's rows (labeling: irnet_ray.data.output_format.LABEL_SCHEMA)
     errors/errors-*.parquet  per-image failures (ERROR_SCHEMA), written when the run finishes
     _commits/NNNNNNNN.json   one record per committed data file (its image ids, its errors,
                          its score record and stage timings); written by the driver only
@@ -18,8 +21,8 @@ Protocol (the driver is the only committer; every write is atomic, see ``storage
    key twice, rewriting a data file without rows that are already committed (:func:`drop_rows`).
 3. ``_manifest.json`` is written when every input row is committed. Readers trust only the
    files it lists; a folder without it is unfinished, whatever else it holds.
-4. A rerun reads the commit records, skips committed images and labels the rest; a rerun with
-   other models or label settings is refused unless it starts over (``overwrite``), which
+4. A rerun reads the commit records, skips committed images and processes the rest; a rerun
+   with other models or settings is refused unless it starts over (``overwrite``), which
    deletes ``_manifest.json`` first, so the folder is visibly unfinished while it is cleared.
 
 One job writes to an output folder at a time (object stores offer no lock to enforce it): two
@@ -28,12 +31,13 @@ jobs on one folder at once could each delete the other's uncommitted files.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import pyarrow as pa
 
@@ -56,7 +60,9 @@ __all__ = [
     "COMMITS",
     "DATA",
     "ERRORS",
-    "LabelJobError",
+    "JobInputError",
+    "Committer",
+    "plan_records",
     "OutputState",
     "prepare_output",
     "clear_output",
@@ -82,7 +88,7 @@ _COMMIT_NAME = re.compile(r"^(\d{8})\.json$")
 _READ_THREADS = 16
 
 
-class LabelJobError(RuntimeError):
+class JobInputError(ValueError):
     """The job cannot run or finish as asked (the message says why and what to do)."""
 
 
@@ -109,14 +115,14 @@ def _dump(value: dict) -> bytes:
 
 def _identity_differences(old: dict, new: dict) -> list[str]:
     differences = []
-    for kind in ("cam", "irn"):
+    for kind in sorted(new["models"]):
         was, now = old.get("models", {}).get(kind, {}), new["models"][kind]
         if was.get("id") != now["id"]:
             differences.append(f"{kind.upper()} model {now['uri']} ({now['id'][:19]}) is not the one used before "
                                f"({was.get('uri')}, {str(was.get('id'))[:19]})")  # fmt: skip
     if old.get("settings_id") != new["settings_id"]:
         changed = sorted(k for k in new["settings"] if old.get("settings", {}).get(k) != new["settings"][k])
-        differences.append(f"label settings differ ({', '.join(changed) or 'format'})")
+        differences.append(f"{new.get('settings_name', 'label')} settings differ ({', '.join(changed) or 'format'})")
     return differences
 
 
@@ -127,13 +133,16 @@ def prepare_output(output: str, job: dict, options: StorageOptions, overwrite: b
     job_uri = join(output, JOB_RECORD)
     if exists(job_uri, options):
         old = _json(job_uri, options)
-        if old.get("format") != of.FORMAT_NAME:
-            raise LabelJobError(f"{job_uri} is not an irnet-ray labeling record; choose another output folder")
+        if old.get("format") != job["format"]:
+            raise JobInputError(
+                f"{job_uri} is not a record of this job ({old.get('format')!r}, expected {job['format']!r}); "
+                "choose another output folder"
+            )
         differences = _identity_differences(old, job)
         if overwrite:
             clear_output(output, options)
         elif differences:
-            raise LabelJobError(
+            raise JobInputError(
                 f"output {output} holds labels made differently: {'; '.join(differences)}. "
                 "Pass --overwrite (overwrite=True) to delete them and start over, or choose another output folder"
             )
@@ -143,8 +152,8 @@ def prepare_output(output: str, job: dict, options: StorageOptions, overwrite: b
     elif exists(output, options):
         files = list_files(output, options)
         if files:
-            raise LabelJobError(
-                f"output folder {output} is not empty and holds no irnet-ray labels ({len(files)} file(s), e.g. "
+            raise JobInputError(
+                f"output folder {output} is not empty and holds no {job['format']} output ({len(files)} file(s), e.g. "
                 f"{files[0]}); choose an empty or new folder"
             )
     write_bytes(job_uri, _dump(job), options)
@@ -152,7 +161,7 @@ def prepare_output(output: str, job: dict, options: StorageOptions, overwrite: b
 
 
 def clear_output(output: str, options: StorageOptions) -> None:
-    """Delete a label output: the manifest first (the folder then reads as unfinished), then
+    """Delete an output: the manifest first (the folder then reads as unfinished), then
     the commit log (nothing is committed), then the data, the errors and the job record."""
     delete_file(join(output, MANIFEST), options)
     for folder in (COMMITS, DATA, ERRORS):
@@ -181,7 +190,7 @@ def read_commits(output: str, options: StorageOptions) -> list[dict]:
     commits = sorted(_parallel_read(uris, options), key=lambda c: int(c["sequence"]))
     for commit in commits:
         if commit.get("file") and not exists(join(output, commit["file"]["path"]), options):
-            raise LabelJobError(
+            raise JobInputError(
                 f"output {output} is damaged: {commit['file']['path']} (commit {commit['sequence']}) is missing; "
                 "pass --overwrite (overwrite=True) to start over"
             )
@@ -280,3 +289,103 @@ def read_manifest(output: str, options: StorageOptions) -> dict | None:
 def write_manifest(output: str, manifest: dict, options: StorageOptions) -> None:
     manifest = {**manifest, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_bytes(join(output, MANIFEST), _dump(manifest), options)
+
+
+# --------------------------------------------------------------------------------------
+# the driver's side: which input rows to send, and committing what comes back
+
+
+def plan_records(records: Sequence, committed: set, num_classes: int, run_id: str):
+    """``(pending records, error rows found in the listing, number already committed)``.
+
+    A repeated image id, an image without classes and a class id outside the models' classes
+    are refused per row (reasons ``duplicate_id``, ``no_classes``, ``class_out_of_range``).
+    """
+    pending, errors, skipped = [], [], 0
+    listed = collections.Counter(r.image_id for r in records)
+    occurrences: collections.Counter = collections.Counter()
+    for record in records:
+        occurrence = occurrences[record.image_id]
+        occurrences[record.image_id] += 1
+        if (record.image_id, occurrence) in committed:
+            skipped += 1
+            continue
+        reason = message = None
+        if listed[record.image_id] > 1:
+            # Output rows are keyed by image id and no row can be told to be the right one
+            # (first-wins would depend on row order): every row of a repeated id is refused.
+            reason = "duplicate_id"
+            message = f"image id {record.image_id!r} is listed {listed[record.image_id]} times (this is row {occurrence + 1} of them)"
+        elif not record.classes:
+            reason, message = "no_classes", "the image has no image-level classes: nothing to localise"
+        elif max(record.classes) > num_classes:
+            reason = "class_out_of_range"
+            message = f"class id {max(record.classes)} is outside the models' classes 1..{num_classes}"
+        if reason is None:
+            pending.append(record)
+        else:
+            errors.append(of.error_row(image_id=record.image_id, uri=record.uri, classes=record.classes, stage="input",
+                                       reason=reason, message=message, run_id=run_id, occurrence=occurrence))  # fmt: skip
+    return pending, errors, skipped
+
+
+#: ``summarize(meta, committed image ids) -> extra fields`` of a job's commit records (labeling
+#: adds its scores and stage timings).
+Summarize = Callable[[dict, list], dict]
+
+
+class Committer:
+    """The driver's commit log: refuses to commit a key twice, repairs files that would."""
+
+    def __init__(self, output: str, state: OutputState, options: StorageOptions, run_id: str,
+                 summarize: Summarize | None = None) -> None:  # fmt: skip
+        self.output, self.options, self.run_id = output, options, run_id
+        self.summarize = summarize or (lambda meta, ids: {})
+        self.commits = list(state.commits)
+        self.sequence = state.next_sequence
+        self.processed = self.errors = self.repaired = 0
+        # Transient failures of earlier runs are tried again: withdrawn first (a commit of its
+        # own), so a rerun stopped half-way still knows they are not done.
+        self.retried = transient_errors(self.commits)
+        if self.retried:
+            self._write({"file": None, "image_ids": [], "errors": [], "withdrawn": [list(k) for k in self.retried]})
+        self.committed: set[tuple[str, int]] = set()
+        for commit in effective_commits(self.commits):
+            self.committed |= commit_keys(commit)
+
+    def _write(self, fields: dict) -> dict:
+        record = {"sequence": self.sequence, "run_id": self.run_id,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "time": time.time(), **fields}  # fmt: skip
+        write_commit(self.output, record, self.options)
+        self.sequence += 1
+        self.commits.append(record)
+        return record
+
+    @property
+    def standing(self) -> list[dict]:
+        """The commits with withdrawn errors left out (what the output holds)."""
+        return effective_commits(self.commits)
+
+    def commit(self, meta: dict) -> dict:
+        file, ids = meta.get("file"), [str(i) for i in meta.get("image_ids", [])]
+        counts = collections.Counter(ids)
+        again = {i for i in ids if (i, 0) in self.committed or counts[i] > 1}
+        if again and file:
+            # A retried task delivered rows that are committed already: drop them from the file.
+            file = drop_rows(self.output, file["path"], {i for i in again if (i, 0) in self.committed}, self.options)
+            self.repaired += 1
+            ids = [i for i in dict.fromkeys(ids) if (i, 0) not in self.committed]
+            if file is None:
+                ids = []
+        new_keys = {(i, 0) for i in ids}
+        errors = []
+        for e in meta.get("errors", []):
+            key = (str(e["image_id"]), int(e["occurrence"]))
+            if key not in self.committed and key not in new_keys:
+                errors.append(e)
+                new_keys.add(key)
+        record = self._write({"file": file, "image_ids": ids, "errors": errors, **self.summarize(meta, ids)})
+        self.committed |= new_keys
+        self.processed += len(ids)
+        self.errors += len(errors)
+        return record

@@ -1,0 +1,221 @@
+"""Relation mining (Sec. 4.1) as a batch-inference job: a thin definition on :mod:`irnet_ray.pipeline`.
+
+decode tasks -> :class:`CamActor` pool (multi-scale + flip CAMs of a whole batch with
+:func:`irnet_ray.inference.infer_cams_batch`; GPUs when the cluster has them) -> :func:`crf_stage`
+CPU tasks (confident regions refined by a dense CRF, :func:`irnet_ray.relations.ir_label_map`,
+brought back to the original size) -> writer -> the driver's commit log.
+
+The output folder follows :mod:`irnet_ray.pipeline.commit_log` (the labeling job's protocol):
+``data/part-*.parquet`` of :data:`IR_LABEL_SCHEMA` rows, one commit record per file, per-image
+errors in ``errors/``, ``_manifest.json`` last. IRNet training reads exactly the files that the
+manifest lists (:func:`irnet_ray.data.ray_datasets.ir_label_dataset`). A rerun with the same
+CAM model and settings mines only what is not committed (and returns at once when everything is).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from irnet_ray import __version__
+from irnet_ray.config import CamInferenceConfig, RelationConfig, config_to_dict, settings_id
+from irnet_ray.data.decode import encode_png
+from irnet_ray.data.images import class_ids, row_image
+from irnet_ray.data.output_format import resize_nearest
+from irnet_ray.data.ray_datasets import IR_FORMAT_NAME, IR_LABEL_SCHEMA
+from irnet_ray.data.sources import ImageRecord
+from irnet_ray.data.storage import StorageOptions, normalize
+from irnet_ray.model_files import CamModelRef, assert_no_secrets, check_cam_model, load_checked_cam
+from irnet_ray.pipeline import commit_log as cl
+from irnet_ray.pipeline.resources import plan_pool
+from irnet_ray.pipeline.run import CpuStage, finish_output, open_output, run_pipeline
+from irnet_ray.pipeline.stages import ERROR_COLUMNS, ModelActor, error_fields, text_of
+
+__all__ = ["MiningOptions", "mine_relations_job", "CamActor", "crf_stage", "MANIFEST"]
+
+MANIFEST = cl.MANIFEST
+FORMAT_VERSION = 1
+#: CPUs of one decode / write task: small, so they never starve the actors on a 2-core machine.
+DEFAULT_TASK_CPUS = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningOptions:
+    """Resources and sizes of the mining pipeline (not part of the method's settings).
+
+    ``max_actors`` and ``batch_size`` ``None``: sized from the cluster
+    (:mod:`irnet_ray.pipeline.resources`); ``use_gpu`` ``None``: when the cluster has GPUs.
+    """
+
+    max_side: int | None = None
+    min_side: int = 16  # one cell of the stride-16 CAM; smaller images are recorded as too_small
+    max_pixels: int = 50_000_000
+    min_actors: int = 1
+    max_actors: int | None = None
+    gpus_per_actor: float = 1.0  # used only when the actors use GPUs
+    cpus_per_actor: float = 1.0
+    decode_cpus: float = DEFAULT_TASK_CPUS
+    crf_cpus: float = 0.5  # one CRF task per half core: 1 actor + CRF + decode + write fit 2 CPUs
+    write_cpus: float = DEFAULT_TASK_CPUS
+    batch_size: int | None = None
+    decode_batch_size: int = 4
+    rows_per_file: int = 256
+    use_gpu: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_side is not None and int(self.max_side) < 16:
+            raise ValueError(f"MiningOptions.max_side must be >= 16 (or None), got {self.max_side}")
+        if int(self.min_actors) < 1 or (self.max_actors is not None and int(self.min_actors) > int(self.max_actors)):
+            raise ValueError(f"MiningOptions needs 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        for name in ("cpus_per_actor", "decode_cpus", "crf_cpus", "write_cpus"):
+            if float(getattr(self, name)) <= 0:
+                raise ValueError(f"MiningOptions.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "decode_batch_size", "rows_per_file"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"MiningOptions.{name} must be >= 1, got {getattr(self, name)}")
+
+
+_CAM_STREAM = pa.schema([
+    pa.field("image_id", pa.string()), pa.field("uri", pa.string()), pa.field("classes", pa.list_(pa.int64())),
+    pa.field("image", pa.binary()), pa.field("height", pa.int64()), pa.field("width", pa.int64()),
+    pa.field("orig_height", pa.int64()), pa.field("orig_width", pa.int64()),
+    pa.field("cams", pa.binary()),  # (K, height, width) float16, the CAMs of the image's classes
+    *ERROR_COLUMNS,
+])  # fmt: skip
+_IR_STREAM = pa.schema([*IR_LABEL_SCHEMA, *ERROR_COLUMNS])
+
+
+class CamActor(ModelActor):
+    """Loads the CAM model once; adds the full-resolution CAMs of each image (float16 bytes)."""
+
+    schema = _CAM_STREAM
+    failure = ("cam", "label_failed")
+
+    def __init__(self, cam: CamModelRef, options: StorageOptions, cam_config: dict, threads: int, use_gpu: bool):
+        super().__init__(threads, use_gpu)
+        self.model = load_checked_cam(cam, options).to(self.device).eval()
+        self.config = CamInferenceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cam_config.items()})
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        import torch
+
+        from irnet_ray.inference import infer_cams_batch
+
+        classes = [class_ids(row["classes"]) for row in rows]
+        outputs = infer_cams_batch(self.model, [row_image(row) for row in rows], classes, self.config)
+        return [{
+            **self.base_fields(row), "image": row["image"], "height": int(row["height"]), "width": int(row["width"]),
+            "orig_height": int(row["orig_height"]), "orig_width": int(row["orig_width"]),
+            "cams": out.highres.to("cpu", torch.float16).numpy().tobytes(),
+        } for row, out in zip(rows, outputs)]  # fmt: skip
+
+
+def crf_stage(table: pa.Table, relations: dict) -> pa.Table:
+    """CAMs -> CRF-refined IR label map at the original size, PNG-encoded; a failure of one image
+    becomes its error row (reason ``mining_failed``)."""
+    from irnet_ray.relations import ir_label_map
+
+    config = RelationConfig(**relations)
+    out = []
+    for row in table.to_pylist():
+        result = {name: row[name] for name in ("image_id", "uri", "classes", "error_stage", "error_reason",
+                                                "error_message")}  # fmt: skip
+        result["ir_labels_png"] = None
+        if row["error_reason"] is None:
+            try:
+                height, width = int(row["height"]), int(row["width"])
+                image = row_image(row)
+                cams = np.frombuffer(row["cams"], dtype=np.float16).reshape(len(row["classes"]), height, width)
+                labels = ir_label_map(image, cams.astype(np.float32), np.asarray(row["classes"]), config)
+                labels = resize_nearest(labels, (int(row["orig_height"]), int(row["orig_width"])))
+                result["ir_labels_png"] = encode_png(labels)
+            except Exception as exc:  # noqa: BLE001 - recorded per image
+                result.update(error_fields("crf", "mining_failed", f"{type(exc).__name__}: {text_of(exc)}"))
+        out.append(result)
+    return pa.Table.from_pylist(out, schema=_IR_STREAM)
+
+
+def mine_relations_job(
+    records: Sequence[ImageRecord],
+    cam_model_uri: str,
+    output_uri: str,
+    *,
+    cam_inference: CamInferenceConfig = CamInferenceConfig(),
+    relations: RelationConfig = RelationConfig(),
+    options: MiningOptions = MiningOptions(),
+    storage_options: StorageOptions = StorageOptions(),
+    overwrite: bool = False,
+    ray_address: str | None = None,
+    debug: dict | None = None,
+) -> dict:
+    """Mine IR labels for ``records`` with the CAM model at ``cam_model_uri`` into ``output_uri``.
+
+    Returns a summary (``output``, ``images``, ``mined``, ``errors`` (``[{image_id, error}]`` with
+    ``error`` = ``"<reason>: <message>"``), ``files``, ``seconds``, ``already_complete``).
+    User mistakes raise before any work starts (``ValueError`` subclasses).
+    """
+    started = time.perf_counter()
+    records = list(records)
+    if not records:
+        raise ValueError("no image records: the relation-mining set is empty")
+    cam = check_cam_model(cam_model_uri, storage_options)
+    output = normalize(output_uri)
+    settings = {"cam_inference": config_to_dict(cam_inference), "relations": config_to_dict(relations),
+                "max_side": options.max_side, "min_side": options.min_side}  # fmt: skip
+    assert_no_secrets(settings, "mining settings")
+    job = {"format": IR_FORMAT_NAME, "format_version": FORMAT_VERSION, "models": cam.record(), "settings": settings,
+           "settings_id": settings_id(settings), "settings_name": "mining", "vocabulary": list(cam.vocabulary),
+           "irnet_ray_version": __version__}  # fmt: skip
+    run_id = uuid.uuid4().hex[:12]
+    state, committer = open_output(output, job, storage_options, overwrite, run_id)
+    pending, input_errors, skipped = cl.plan_records(records, committer.committed, len(cam.vocabulary), run_id)
+    if input_errors:
+        committer.commit({"file": None, "image_ids": [], "errors": input_errors})
+    already_complete = state.previous_manifest is not None and not pending and not input_errors
+    plan = None
+    if pending:
+        from irnet_ray.train.ray_train import ensure_ray
+
+        ensure_ray(address=ray_address)
+        gpus = None if options.use_gpu is None else (float(options.gpus_per_actor) if options.use_gpu else 0.0)
+        if gpus is None:
+            from irnet_ray.pipeline.resources import cluster_gpus
+
+            gpus = float(options.gpus_per_actor) if cluster_gpus() > 0 else 0.0
+        plan = plan_pool(min_actors=options.min_actors, max_actors=options.max_actors, gpus_per_actor=gpus,
+                         cpus_per_actor=options.cpus_per_actor, batch_size=options.batch_size,
+                         cpu_tasks={"decode": options.decode_cpus, "crf": options.crf_cpus,
+                                    "write": options.write_cpus})  # fmt: skip
+        run_pipeline(
+            pending, committer, plan=plan, decode_batch_size=options.decode_batch_size,
+            decode_kwargs={"options": storage_options, "max_side": options.max_side, "min_side": int(options.min_side),
+                           "max_pixels": int(options.max_pixels)},
+            actor=CamActor,
+            actor_kwargs={"cam": cam, "options": storage_options, "cam_config": config_to_dict(cam_inference)},
+            cpu_stage=CpuStage(crf_stage, {"relations": config_to_dict(relations)}, float(options.crf_cpus),
+                               plan.batch_size),
+            write_kwargs={"output": output, "options": storage_options, "data_schema": IR_LABEL_SCHEMA,
+                          "large_columns": ("ir_labels_png",), "run_id": run_id},
+            rows_per_file=options.rows_per_file, debug=debug,
+        )  # fmt: skip
+    expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
+    standing = committer.standing
+    errors = [{"image_id": e["image_id"], "error": f"{e['reason']}: {e['message']}"}
+              for c in standing for e in c.get("errors", [])]  # fmt: skip
+    mined = sum(len(c.get("image_ids", [])) for c in standing)
+    if mined == 0 and not committer.retried:
+        from irnet_ray.data.images import summarize_errors
+
+        raise ValueError(f"relation mining produced no IR labels: every image failed ({summarize_errors(errors)})")
+    summary = {"output": output, "images": len(records), "mined": mined, "errors": errors,
+               "mined_this_run": committer.processed, "skipped": skipped,
+               "use_gpu": bool(plan and plan.use_gpu), "seconds": time.perf_counter() - started}  # fmt: skip
+    manifest = finish_output(output, committer, expected, storage_options,
+                             {**job, "kind": "ir_labels", "run_id": run_id, "summary": summary})  # fmt: skip
+    return {**summary, "files": [f["path"] for f in manifest["data_files"]], "already_complete": already_complete}
+

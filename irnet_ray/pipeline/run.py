@@ -1,0 +1,145 @@
+"""The driver of a batch-inference job: plan, stream through Ray Data, commit, finish.
+
+A job (labeling, relation mining) is a thin definition on top of this: its decode options, its
+model actor class, an optional CPU stage, its data schema and what its commit records add.
+
+    open_output      check the folder against the job (models + settings), read the commit log
+    plan_records     skip committed rows, refuse bad listing rows (commit_log.plan_records)
+    run_pipeline     records -> decode tasks -> actor pool -> [CPU stage] -> writer -> commits
+    finish_output    every row accounted for? errors table, manifest, orphan files removed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable, Sequence
+
+import ray
+
+from irnet_ray.data.sources import ImageRecord
+from irnet_ray.data.storage import StorageOptions
+
+from . import commit_log as cl
+from .resources import PoolPlan
+from .stages import decode_images, write_file
+
+__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "open_output", "run_pipeline", "finish_output"]
+
+#: Input blocks at most (each block is one decode task's worth of records).
+MAX_INPUT_BLOCKS = 2000
+
+
+class PipelineFailed(RuntimeError):
+    """The pipeline failed while running; what was committed stays, a rerun continues."""
+
+
+class PipelineInterrupted(RuntimeError):
+    """Raised by the ``stop_after_commits`` test hook: the job stops as if killed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuStage:
+    """A CPU task stage between the actor pool and the writer (relation mining's dense CRF)."""
+
+    fn: Callable
+    kwargs: dict
+    cpus: float
+    batch_size: int
+
+
+def open_output(output: str, job: dict, options: StorageOptions, overwrite: bool, run_id: str,
+                summarize: cl.Summarize | None = None) -> tuple[cl.OutputState, cl.Committer]:  # fmt: skip
+    state = cl.prepare_output(output, job, options, overwrite)
+    return state, cl.Committer(output, state, options, run_id, summarize)
+
+
+def run_pipeline(
+    pending: Sequence[ImageRecord],
+    committer: cl.Committer,
+    *,
+    plan: PoolPlan,
+    decode_kwargs: dict,
+    decode_batch_size: int,
+    actor: type,
+    actor_kwargs: dict,
+    write_kwargs: dict,
+    rows_per_file: int,
+    cpu_stage: CpuStage | None = None,
+    debug: dict | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> int:
+    """Stream ``pending`` through the pipeline and commit every file as it arrives; returns the
+    number of commits made. ``debug`` (tests): ``stop_after_commits``, ``pause_after_commits``."""
+    debug = dict(debug or {})
+    stop_after, pause_after = debug.pop("stop_after_commits", None), debug.pop("pause_after_commits", None)
+    rows = [r.to_row() for r in pending]
+    blocks = max(1, min(MAX_INPUT_BLOCKS, -(-len(rows) // int(decode_batch_size))))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(decode_images, batch_size=int(decode_batch_size), batch_format="numpy",
+                        num_cpus=float(plan.cpu_tasks["decode"]), fn_kwargs=decode_kwargs)  # fmt: skip
+    ds = ds.map_batches(
+        actor, batch_size=plan.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
+        num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
+        fn_constructor_kwargs={**actor_kwargs, "threads": max(1, round(plan.cpus_per_actor)), "use_gpu": plan.use_gpu},
+    )  # fmt: skip
+    if cpu_stage is not None:
+        ds = ds.map_batches(cpu_stage.fn, batch_size=cpu_stage.batch_size, batch_format="pyarrow",
+                            num_cpus=cpu_stage.cpus, fn_kwargs=cpu_stage.kwargs)  # fmt: skip
+    # Ray Data bundles the blocks up to rows_per_file rows per writer call, so files hold
+    # rows_per_file rows (fewer only at the end of a bundle). Not repartition(strict=True): its
+    # tasks take a whole CPU each, which waits behind the actor pool on small clusters and holds
+    # every commit back until the pool is done.
+    ds = ds.map_batches(write_file, batch_size=int(rows_per_file), batch_format="pyarrow",
+                        num_cpus=float(plan.cpu_tasks["write"]), fn_kwargs=write_kwargs)  # fmt: skip
+    commits = 0
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    try:
+        for batch in batches:
+            for meta in batch.column("meta").to_pylist():
+                committer.commit(json.loads(meta))
+                commits += 1
+                if stop_after is not None and commits >= int(stop_after):
+                    raise PipelineInterrupted(f"stopped after {commits} commit(s) (test hook)")
+                if pause_after is not None and commits >= int(pause_after):
+                    log(f"paused after {commits} commit(s) (test hook)")
+                    time.sleep(3600)
+    except (PipelineInterrupted, cl.JobInputError):
+        raise
+    except Exception as exc:
+        raise PipelineFailed(
+            f"the pipeline failed after committing {committer.processed} image(s) and {committer.errors} error(s) in "
+            f"this run ({type(exc).__name__}: {' '.join(str(exc).split())[:500]}); {committer.output} stays "
+            "unfinished: rerun the same job to process the rest"
+        ) from exc
+    finally:
+        # Stop the pipeline now, not when the iterator is garbage collected: a stopped job must
+        # not keep writing files next to a rerun.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    return commits
+
+
+def finish_output(output: str, committer: cl.Committer, expected: set, options: StorageOptions,
+                  manifest: dict[str, Any]) -> dict:  # fmt: skip
+    """Check that every expected key is committed, then write the errors table and the manifest
+    (``manifest`` plus the files and counts) and delete files no commit names."""
+    lost = sorted(expected - committer.committed)
+    if lost:
+        raise PipelineFailed(
+            f"{len(lost)} image(s) never came back from the pipeline (e.g. {[k[0] for k in lost[:3]]}); "
+            f"{output} stays unfinished: run the same job again to process them"
+        )
+    standing = committer.standing
+    errors_file = cl.write_errors_table(output, standing, options)
+    data_files = cl.committed_files(standing)
+    rows = sum(len(c.get("image_ids", [])) for c in standing)
+    errors = sum(len(c.get("errors", [])) for c in standing)
+    manifest = {**manifest, "complete": True, "images": rows + errors, "rows": rows, "errors": errors,
+                "data_files": data_files, "errors_file": errors_file, "commits": len(committer.commits)}  # fmt: skip
+    cl.write_manifest(output, manifest, options)
+    cl.delete_orphans(output, [f["path"] for f in data_files] + [errors_file["path"]], options)
+    return manifest
