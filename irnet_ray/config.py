@@ -15,6 +15,12 @@ from typing import Any, Mapping, TypeVar
 T = TypeVar("T")
 
 
+#: Peak memory one image's decoding may take (irnet_ray.data.decode.decode_memory_bytes); decode
+#: tasks reserve it. 1 GiB decodes a 50 MP RGB photo or a 7000 x 7000 16-bit scan, and refuses
+#: a 50 MP image with alpha (about 1.3 GiB to composite).
+DEFAULT_MAX_DECODE_BYTES = 1 << 30
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A JSON-serialisable dict of a (nested) config dataclass."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

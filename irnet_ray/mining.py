@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from irnet_ray import __version__
-from irnet_ray.config import CamInferenceConfig, RelationConfig, config_to_dict, settings_id
+from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES, CamInferenceConfig, RelationConfig, config_to_dict, settings_id
 from irnet_ray.data.decode import encode_png
 from irnet_ray.data.images import class_ids, row_image
 from irnet_ray.data.output_format import resize_nearest
@@ -55,6 +55,7 @@ class MiningOptions:
     max_side: int | None = None
     min_side: int = 16  # one cell of the stride-16 CAM; smaller images are recorded as too_small
     max_pixels: int = 50_000_000
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     min_actors: int = 1
     max_actors: int | None = None
     gpus_per_actor: float = 1.0  # used only when the actors use GPUs
@@ -166,7 +167,8 @@ def mine_relations_job(
     cam = check_cam_model(cam_model_uri, storage_options)
     output = normalize(output_uri)
     settings = {"cam_inference": config_to_dict(cam_inference), "relations": config_to_dict(relations),
-                "max_side": options.max_side, "min_side": options.min_side}  # fmt: skip
+                "max_side": options.max_side, "min_side": options.min_side, "max_pixels": options.max_pixels,
+                "max_decode_bytes": options.max_decode_bytes}  # fmt: skip
     assert_no_secrets(settings, "mining settings")
     job = {"format": IR_FORMAT_NAME, "format_version": FORMAT_VERSION, "models": cam.record(), "settings": settings,
            "settings_id": settings_id(settings), "settings_name": "mining", "vocabulary": list(cam.vocabulary),
@@ -194,7 +196,7 @@ def mine_relations_job(
         run_pipeline(
             pending, committer, plan=plan, decode_batch_size=options.decode_batch_size,
             decode_kwargs={"options": storage_options, "max_side": options.max_side, "min_side": int(options.min_side),
-                           "max_pixels": int(options.max_pixels)},
+                           "max_pixels": int(options.max_pixels), "max_decode_bytes": int(options.max_decode_bytes)},
             actor=CamActor,
             actor_kwargs={"cam": cam, "options": storage_options, "cam_config": config_to_dict(cam_inference)},
             cpu_stage=CpuStage(crf_stage, {"relations": config_to_dict(relations)}, float(options.crf_cpus),

@@ -1,13 +1,17 @@
 import io
 import pickle
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES
 from irnet_ray.data.decode import (
+    decode_memory_bytes,
     DECODE_REASONS,
     ImageDecodeError,
     decode_image,
@@ -145,6 +149,45 @@ def test_large_image_and_max_pixels():
     assert out.shape == (4000, 4000, 3)
     assert abs(int(out[2000, 2000, 2]) - 56) <= 3
     assert _reason(data, max_pixels=1_000_000) == "too_large"
+
+
+def test_decode_memory_bound_refuses_before_decoding():
+    data = _save(Image.new("RGBA", (1000, 1000), (1, 2, 3, 4)), "PNG")
+    needed = decode_memory_bytes("RGBA", 1000, 1000)
+    assert needed > 1000 * 1000 * 4  # at least the stored pixels
+    assert _reason(data, max_decode_bytes=needed - 1) == "too_large"
+    with pytest.raises(ImageDecodeError, match="MiB, more than max_decode_bytes"):
+        decode_image(data, max_decode_bytes=needed - 1)
+    assert decode_image(data, max_decode_bytes=needed).shape == (1000, 1000, 3)
+
+
+_PEAK_SCRIPT = """
+import resource, sys
+data = open(sys.argv[1], "rb").read()
+from irnet_ray.data.decode import decode_image
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = decode_image(data, max_decode_bytes=int(sys.argv[2]))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(after - before, out.shape[0], out.shape[1], int(out.max()))
+"""
+
+
+def test_huge_16bit_scan_decodes_within_its_memory_bound(tmp_path):
+    # A 7000 x 7000 16-bit PNG of about 100 KB: decoding it once took ~1 GiB (64-bit temporaries).
+    values = np.zeros((7000, 7000), np.uint16)
+    values[::7, ::5] = 40000
+    path = tmp_path / "scan.png"
+    Image.fromarray(values).save(path)
+    del values
+    assert path.stat().st_size < 1 << 20
+    bound = decode_memory_bytes("I;16", 7000, 7000)
+    assert bound <= DEFAULT_MAX_DECODE_BYTES  # accepted by default, and reserved by each decode task
+    # A fresh process: its peak resident memory measures this decoding alone.
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path), str(bound)], capture_output=True,
+                            text=True, timeout=120, check=True)  # fmt: skip
+    growth, height, width, top = (int(v) for v in result.stdout.split())
+    assert (height, width, top) == (7000, 7000, round(40000 * 255 / 65535))
+    assert growth <= bound, f"decoding took {growth / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:

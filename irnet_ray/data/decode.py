@@ -22,6 +22,13 @@ Pillow's process-wide settings are not modified: truncation detection relies on
 sets it, truncated JPEGs can no longer be told apart, so :func:`decode_image` refuses to run).
 The pixel limit is ``max_pixels`` (checked from the header, before any pixel is decoded);
 Pillow's own bomb guard (``2 * PIL.Image.MAX_IMAGE_PIXELS``) also reports ``too_large``.
+
+Memory: :func:`decode_memory_bytes` bounds what decoding one image takes at its peak, from the
+header alone (stored pixels, an EXIF-rotated copy, the RGB conversion), and ``max_decode_bytes``
+refuses (``too_large``) an image whose bound exceeds it before any pixel is decoded, so a
+decode task can reserve that much memory and never exceed it. A 7000 x 7000 16-bit PNG of
+100 KB, for instance, needs about 340 MiB; 16-bit and float images are converted in row
+chunks rather than through whole-image 64-bit temporaries.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ __all__ = [
     "DECODE_REASONS",
     "decode_image",
     "image_size",
+    "decode_memory_bytes",
     "encode_png",
     "decode_png",
 ]
@@ -45,6 +53,13 @@ DECODE_REASONS = ("empty", "not_an_image", "truncated", "too_large", "too_small"
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _DIRECT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+#: Bytes per pixel of Pillow's in-memory image by mode (multi-band images are stored 4 bytes a pixel).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4}
+#: Bytes per pixel that converting a mode to the (H, W, 3) uint8 result holds at its peak, on top
+#: of the stored image (module doc): alpha = RGBA copy + white + composite + RGB + array.
+_CONVERSION_BYTES = {"RGB": 3, "alpha": 19, "wide": 3 + 4, "other": 4 + 3}
+#: Rows converted at a time for 16-bit and float images (bounds their temporaries).
+_CHUNK_ROWS = 256
 _TRUNCATION_HINTS = ("truncated", "broken data stream", "premature end", "unexpected end", "eof")
 
 
@@ -119,6 +134,45 @@ def image_size(data: bytes) -> tuple[int, int]:
         return int(im.size[1]), int(im.size[0])
 
 
+def decode_memory_bytes(mode: str, width: int, height: int) -> int:
+    """An upper bound of the bytes :func:`decode_image` holds at its peak for an image of this
+    header (mode and size): the decoded image, an EXIF-rotated copy and the RGB conversion."""
+    stored = _STORED_BYTES.get(mode, 4)
+    if mode == "RGB":
+        conversion = _CONVERSION_BYTES["RGB"]
+    elif mode in _ALPHA_MODES or mode == "P":  # a palette with transparency becomes RGBA
+        conversion = _CONVERSION_BYTES["alpha"]
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        conversion = _CONVERSION_BYTES["wide"]
+    else:
+        conversion = _CONVERSION_BYTES["other"]
+    return int(width) * int(height) * (2 * stored + conversion)
+
+
+def _wide_to_rgb(im: Image.Image, to_gray) -> np.ndarray:
+    """16-bit / 32-bit integer or float image -> RGB, converted in row chunks."""
+    values = np.asarray(im)
+    out = np.empty(values.shape + (3,), dtype=np.uint8)
+    for start in range(0, values.shape[0], _CHUNK_ROWS):
+        out[start : start + _CHUNK_ROWS] = to_gray(values[start : start + _CHUNK_ROWS])[..., None]
+    return out
+
+
+def _gray_from_integers(values: np.ndarray) -> np.ndarray:
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ImageDecodeError(
+            "unsupported_mode", f"32-bit integer image with values {values.min()}..{values.max()} (expected 0..65535)"
+        )
+    # round(v * 255 / 65535) in integers; fits uint32 (65535 * 255 + 32767 < 2**32).
+    return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _gray_from_floats(values: np.ndarray) -> np.ndarray:
+    if values.size and (not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0):
+        raise ImageDecodeError("unsupported_mode", "floating-point image with values outside [0, 1]")
+    return np.round(values.astype(np.float32) * 255.0).astype(np.uint8)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "RGB":
@@ -130,20 +184,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
     if mode.startswith("I;16") or mode == "I":
-        values = np.asarray(im).astype(np.int64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise ImageDecodeError(
-                "unsupported_mode",
-                f"32-bit integer image with values {values.min()}..{values.max()} (expected 0..65535)",
-            )
-        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return _wide_to_rgb(im, _gray_from_integers)
     if mode == "F":
-        values = np.asarray(im, dtype=np.float64)
-        if values.size and (not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0):
-            raise ImageDecodeError("unsupported_mode", "floating-point image with values outside [0, 1]")
-        gray = np.round(values * 255.0).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return _wide_to_rgb(im, _gray_from_floats)
     if mode in _DIRECT_MODES:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
     try:
@@ -152,11 +195,15 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         raise ImageDecodeError("unsupported_mode", f"cannot convert image mode {mode!r} to RGB: {exc}") from None
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000, min_side: int = 1) -> np.ndarray:
+def decode_image(
+    data: bytes, *, max_pixels: int = 50_000_000, min_side: int = 1, max_decode_bytes: int | None = None
+) -> np.ndarray:
     """Decode image file bytes to a C-contiguous (H, W, 3) uint8 RGB array (see module doc).
 
-    ``max_pixels`` bounds ``width * height`` (checked before decoding: decompression bombs cost
-    nothing); ``min_side`` is the smallest accepted height / width (after EXIF rotation).
+    ``max_pixels`` bounds ``width * height`` and ``max_decode_bytes`` (``None``: no bound) the
+    peak memory of decoding (:func:`decode_memory_bytes`), both checked from the header before
+    decoding: decompression bombs cost nothing; ``min_side`` is the smallest accepted height /
+    width (after EXIF rotation).
     Raises :class:`ImageDecodeError` with ``reason`` in :data:`DECODE_REASONS`.
     """
     im = _open(data)
@@ -165,6 +212,13 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000, min_side: int = 1
         if width * height > int(max_pixels):
             raise ImageDecodeError(
                 "too_large", f"image of {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
+            )
+        needed = decode_memory_bytes(im.mode, width, height)
+        if max_decode_bytes is not None and needed > int(max_decode_bytes):
+            raise ImageDecodeError(
+                "too_large",
+                f"decoding the {width}x{height} {im.mode} image needs about {needed / 2**20:.0f} MiB, more than "
+                f"max_decode_bytes={int(max_decode_bytes) / 2**20:.0f} MiB",
             )
         if min(width, height) < int(min_side):
             raise ImageDecodeError(

@@ -74,11 +74,13 @@ def summarize_errors(errors: Sequence[dict]) -> str:
     return f"{dict(reasons)} (e.g. {examples})"
 
 
-def load_image(uri: str, options: StorageOptions, max_pixels: int = 50_000_000) -> np.ndarray:
+def load_image(
+    uri: str, options: StorageOptions, max_pixels: int = 50_000_000, max_decode_bytes: int | None = None
+) -> np.ndarray:
     """(H, W, 3) uint8 RGB of a storage URI or a ``synthetic://`` image (raises on failure)."""
     if uri.startswith("synthetic://"):
         return np.ascontiguousarray(load_synthetic(uri).image)
-    return decode_image(read_bytes(uri, options), max_pixels=max_pixels)
+    return decode_image(read_bytes(uri, options), max_pixels=max_pixels, max_decode_bytes=max_decode_bytes)
 
 
 def _scaled_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
@@ -103,18 +105,24 @@ def downscale(image: np.ndarray, max_side: int | None, *, nearest: bool = False)
 
 
 def decode_keeping_size(
-    uri: str, options: StorageOptions, max_side: int | None, *, max_pixels: int = 50_000_000, min_side: int = 1
+    uri: str,
+    options: StorageOptions,
+    max_side: int | None,
+    *,
+    max_pixels: int = 50_000_000,
+    min_side: int = 1,
+    max_decode_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Decode an image for a job that writes outputs at the original size; never raises.
 
     Returns ``image`` (bytes of the downscaled (H, W, 3) array, ``b""`` on failure), ``height``
     / ``width`` (after downscaling), ``orig_height`` / ``orig_width`` (as decoded, EXIF rotation
     applied) and ``error`` (``""`` or :func:`error_text`; a side below ``min_side`` is
-    ``too_small``).
+    ``too_small``, an image whose decoding would need more than ``max_decode_bytes`` ``too_large``).
     """
     fields: dict[str, Any] = {"image": b"", "height": 0, "width": 0, "orig_height": 0, "orig_width": 0, "error": ""}
     try:
-        original = load_image(uri, options, max_pixels)
+        original = load_image(uri, options, max_pixels, max_decode_bytes)
         if min(original.shape[:2]) < int(min_side):
             height, width = original.shape[:2]
             raise ImageDecodeError("too_small", f"image of {width}x{height} pixels is smaller than min_side={min_side}")

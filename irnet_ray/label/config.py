@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from irnet_ray.config import CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
+from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES, CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
 
 __all__ = ["LabelJobConfig", "label_settings", "settings_id", "config_from_settings"]
 
 #: The fields of :class:`LabelJobConfig` that change the labels; the rest only change how fast
 #: they are made. A rerun on the same output must agree on these (and on the models).
-LABEL_FIELDS = ("cam_inference", "synthesis", "max_side", "min_side", "max_pixels")
+LABEL_FIELDS = ("cam_inference", "synthesis", "max_side", "min_side", "max_pixels", "max_decode_bytes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +21,9 @@ class LabelJobConfig:
     long side is at most ``max_side`` (``None``: as they are; the stride-4 random walk on a
     4000 x 4000 image would have 1M nodes) and the masks are brought back to the original size
     (nearest neighbour). Images with a side below ``min_side`` pixels (one cell of the stride-16
-    CAM) or more than ``max_pixels`` pixels are recorded as errors (``too_small``, ``too_large``).
+    CAM), more than ``max_pixels`` pixels or whose decoding would take more than
+    ``max_decode_bytes`` (judged from the header; each decode task reserves that much memory) are
+    recorded as errors (``too_small``, ``too_large``).
 
     Pipeline: ``batch_size`` images per call of a labeling actor (``None``: 16 on a GPU, 4 on a
     CPU), ``decode_batch_size`` per decode task; ``min_actors``..``max_actors`` actors (the pool
@@ -36,6 +38,7 @@ class LabelJobConfig:
     max_side: int | None = 1024
     min_side: int = 16
     max_pixels: int = 50_000_000
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
     batch_size: int | None = None
     decode_batch_size: int = 4
     rows_per_file: int = 1000
@@ -54,6 +57,8 @@ class LabelJobConfig:
             raise ValueError(f"min_side must be >= 1, got {self.min_side}")
         if self.max_side is not None and int(self.min_side) > int(self.max_side):
             raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        if int(self.max_decode_bytes) < 1:
+            raise ValueError(f"max_decode_bytes must be >= 1, got {self.max_decode_bytes}")
         if int(self.max_pixels) < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         for name in ("batch_size", "decode_batch_size", "rows_per_file"):

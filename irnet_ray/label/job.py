@@ -176,7 +176,7 @@ def label_images(
         run_pipeline(
             pending, committer, plan=plan, decode_batch_size=config.decode_batch_size,
             decode_kwargs={"options": storage_options, "max_side": config.max_side, "min_side": int(config.min_side),
-                           "max_pixels": int(config.max_pixels),
+                           "max_pixels": int(config.max_pixels), "max_decode_bytes": int(config.max_decode_bytes),
                            "ground_truth": ground_truth if config.evaluate else None},
             actor=LabelActor,
             actor_kwargs={"models": models, "options": storage_options, "settings": settings, "run_id": run_id,

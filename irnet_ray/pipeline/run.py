@@ -25,7 +25,7 @@ from . import commit_log as cl
 from .resources import PoolPlan
 from .stages import decode_images, write_file
 
-__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "open_output", "run_pipeline", "finish_output"]
+__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "decode_memory", "open_output", "run_pipeline", "finish_output"]
 
 #: Input blocks at most (each block is one decode task's worth of records).
 MAX_INPUT_BLOCKS = 2000
@@ -47,6 +47,14 @@ class CpuStage:
     kwargs: dict
     cpus: float
     batch_size: int
+
+
+def decode_memory(decode_kwargs: dict, decode_batch_size: int) -> int:
+    """Bytes a decode task reserves: one image's decoding at its bound, plus the batch's
+    downscaled images (at most ``max_side`` squared each, or the pixel limit when not downscaled)."""
+    side = decode_kwargs.get("max_side")
+    per_image = 3 * (int(side) ** 2 if side else int(decode_kwargs["max_pixels"]))
+    return int(decode_kwargs["max_decode_bytes"]) + int(decode_batch_size) * per_image
 
 
 def open_output(output: str, job: dict, options: StorageOptions, overwrite: bool, run_id: str,
@@ -78,7 +86,8 @@ def run_pipeline(
     blocks = max(1, min(MAX_INPUT_BLOCKS, -(-len(rows) // int(decode_batch_size))))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(decode_images, batch_size=int(decode_batch_size), batch_format="numpy",
-                        num_cpus=float(plan.cpu_tasks["decode"]), fn_kwargs=decode_kwargs)  # fmt: skip
+                        num_cpus=float(plan.cpu_tasks["decode"]), memory=decode_memory(decode_kwargs, decode_batch_size),
+                        fn_kwargs=decode_kwargs)  # fmt: skip
     ds = ds.map_batches(
         actor, batch_size=plan.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),

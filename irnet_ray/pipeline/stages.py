@@ -65,16 +65,21 @@ def decode_images(
     max_side: int | None,
     min_side: int,
     max_pixels: int,
+    max_decode_bytes: int | None = None,
     ground_truth: GroundTruth | None = None,
 ) -> dict[str, np.ndarray]:
-    """Record rows -> decoded rows (:data:`DECODED_COLUMNS`); a failure sets ``error``."""
+    """Record rows -> decoded rows (:data:`DECODED_COLUMNS`); a failure sets ``error``.
+
+    Images are decoded one at a time, so a task holds at most ``max_decode_bytes`` for decoding
+    (refused from the header above that, see :func:`irnet_ray.data.decode.decode_memory_bytes`)
+    plus the batch's downscaled images: the task's memory reservation."""
     rows = []
     for i in range(len(batch["image_id"])):
         started = time.perf_counter()
         uri = str(batch["uri"][i])
         row = {"image_id": str(batch["image_id"][i]), "uri": uri, "classes": class_ids(batch["classes"][i]), "gt": b"",
                "gt_error": "", **decode_keeping_size(uri, options, max_side, max_pixels=max_pixels,
-                                                     min_side=min_side)}  # fmt: skip
+                                                     min_side=min_side, max_decode_bytes=max_decode_bytes)}  # fmt: skip
         row["t_decode"] = time.perf_counter() - started
         started = time.perf_counter()
         if ground_truth is not None and not row["error"]:
