@@ -19,6 +19,9 @@ T = TypeVar("T")
 #: tasks reserve it. 1 GiB decodes a 50 MP RGB photo or a 7000 x 7000 16-bit scan, and refuses
 #: a 50 MP image with alpha (about 1.3 GiB to composite).
 DEFAULT_MAX_DECODE_BYTES = 1 << 30
+#: Times an image may end its worker process (native crash, out-of-memory kill) while processed
+#: alone before it is recorded as ``crashed_worker`` (irnet_ray.pipeline.attempts).
+DEFAULT_MAX_CRASHES = 2
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

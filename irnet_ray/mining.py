@@ -32,8 +32,9 @@ from irnet_ray.data.sources import ImageRecord
 from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import CamModelRef, assert_no_secrets, check_cam_model, load_checked_cam
 from irnet_ray.pipeline import commit_log as cl
+from irnet_ray.pipeline.attempts import DEFAULT_MAX_CRASHES, guarded
 from irnet_ray.pipeline.resources import plan_pool
-from irnet_ray.pipeline.run import CpuStage, finish_output, open_output, run_pipeline
+from irnet_ray.pipeline.run import CpuStage, PipelineSpec, finish_output, open_output, run_pipeline
 from irnet_ray.pipeline.stages import ERROR_COLUMNS, ModelActor, error_fields, text_of
 
 __all__ = ["MiningOptions", "mine_relations_job", "CamActor", "crf_stage", "MANIFEST"]
@@ -67,6 +68,7 @@ class MiningOptions:
     decode_batch_size: int = 4
     rows_per_file: int = 256
     use_gpu: bool | None = None
+    max_crashes: int = DEFAULT_MAX_CRASHES  # an image that ends its worker this often becomes crashed_worker
 
     def __post_init__(self) -> None:
         if self.max_side is not None and int(self.max_side) < 16:
@@ -97,8 +99,9 @@ class CamActor(ModelActor):
     schema = _CAM_STREAM
     failure = ("cam", "label_failed")
 
-    def __init__(self, cam: CamModelRef, options: StorageOptions, cam_config: dict, threads: int, use_gpu: bool):
-        super().__init__(threads, use_gpu)
+    def __init__(self, cam: CamModelRef, options: StorageOptions, cam_config: dict, threads: int, use_gpu: bool,
+                 **guard):  # fmt: skip
+        super().__init__(threads, use_gpu, **guard)
         self.model = load_checked_cam(cam, options).to(self.device).eval()
         self.config = CamInferenceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cam_config.items()})
 
@@ -116,29 +119,42 @@ class CamActor(ModelActor):
         } for row, out in zip(rows, outputs)]  # fmt: skip
 
 
-def crf_stage(table: pa.Table, relations: dict) -> pa.Table:
+def crf_stage(table: pa.Table, relations: dict, ledger=None, max_crashes: int = DEFAULT_MAX_CRASHES) -> pa.Table:
     """CAMs -> CRF-refined IR label map at the original size, PNG-encoded; a failure of one image
-    becomes its error row (reason ``mining_failed``)."""
+    becomes its error row (reason ``mining_failed``; ``crashed_worker`` when it keeps ending the
+    process, see :mod:`irnet_ray.pipeline.attempts`)."""
+    config = RelationConfig(**relations)
+    rows = table.to_pylist()
+
+    def crashed(i: int, starts: int) -> dict:
+        message = f"the dense CRF of this image ended its worker process {starts} time(s)"
+        return {**_ir_row(rows[i]), **error_fields("crf", "crashed_worker", message)}
+
+    keys = [row["image_id"] for row in rows]
+    out = guarded(ledger, max_crashes, keys, lambda indices: [_crf_row(rows[i], config) for i in indices], crashed)
+    return pa.Table.from_pylist(out, schema=_IR_STREAM)
+
+
+def _ir_row(row: dict) -> dict:
+    fields = ("image_id", "uri", "classes", "error_stage", "error_reason", "error_message")
+    return {**{name: row[name] for name in fields}, "ir_labels_png": None}
+
+
+def _crf_row(row: dict, config: RelationConfig) -> dict:
     from irnet_ray.relations import ir_label_map
 
-    config = RelationConfig(**relations)
-    out = []
-    for row in table.to_pylist():
-        result = {name: row[name] for name in ("image_id", "uri", "classes", "error_stage", "error_reason",
-                                                "error_message")}  # fmt: skip
-        result["ir_labels_png"] = None
-        if row["error_reason"] is None:
-            try:
-                height, width = int(row["height"]), int(row["width"])
-                image = row_image(row)
-                cams = np.frombuffer(row["cams"], dtype=np.float16).reshape(len(row["classes"]), height, width)
-                labels = ir_label_map(image, cams.astype(np.float32), np.asarray(row["classes"]), config)
-                labels = resize_nearest(labels, (int(row["orig_height"]), int(row["orig_width"])))
-                result["ir_labels_png"] = encode_png(labels)
-            except Exception as exc:  # noqa: BLE001 - recorded per image
-                result.update(error_fields("crf", "mining_failed", f"{type(exc).__name__}: {text_of(exc)}"))
-        out.append(result)
-    return pa.Table.from_pylist(out, schema=_IR_STREAM)
+    result = _ir_row(row)
+    if row["error_reason"] is not None:
+        return result
+    try:
+        height, width = int(row["height"]), int(row["width"])
+        cams = np.frombuffer(row["cams"], dtype=np.float16).reshape(len(row["classes"]), height, width)
+        labels = ir_label_map(row_image(row), cams.astype(np.float32), np.asarray(row["classes"]), config)
+        labels = resize_nearest(labels, (int(row["orig_height"]), int(row["orig_width"])))
+        result["ir_labels_png"] = encode_png(labels)
+    except Exception as exc:  # noqa: BLE001 - recorded per image
+        result.update(error_fields("crf", "mining_failed", f"{type(exc).__name__}: {text_of(exc)}"))
+    return result
 
 
 def mine_relations_job(
@@ -193,8 +209,8 @@ def mine_relations_job(
                          cpus_per_actor=options.cpus_per_actor, batch_size=options.batch_size,
                          cpu_tasks={"decode": options.decode_cpus, "crf": options.crf_cpus,
                                     "write": options.write_cpus})  # fmt: skip
-        run_pipeline(
-            pending, committer, plan=plan, decode_batch_size=options.decode_batch_size,
+        spec = PipelineSpec(
+            decode_batch_size=options.decode_batch_size,
             decode_kwargs={"options": storage_options, "max_side": options.max_side, "min_side": int(options.min_side),
                            "max_pixels": int(options.max_pixels), "max_decode_bytes": int(options.max_decode_bytes)},
             actor=CamActor,
@@ -203,8 +219,9 @@ def mine_relations_job(
                                plan.batch_size),
             write_kwargs={"output": output, "options": storage_options, "data_schema": IR_LABEL_SCHEMA,
                           "large_columns": ("ir_labels_png",), "run_id": run_id},
-            rows_per_file=options.rows_per_file, debug=debug,
+            rows_per_file=options.rows_per_file,
         )  # fmt: skip
+        run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes, debug=debug)
     expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
     standing = committer.standing
     errors = [{"image_id": e["image_id"], "error": f"{e['reason']}: {e['message']}"}

@@ -106,8 +106,9 @@ LOAD_REASONS = DECODE_REASONS + ("missing", "access_denied", "unreachable", "sto
 #: Every reason of the errors table; ``label_failed`` (stage ``label``): the models or the
 #: synthesis raised for this image (the message holds the exception); ``out_of_memory``: the
 #: image alone does not fit the actor's device (lower ``--max-side``); ``mining_failed``
-#: (relation mining, stage ``crf``): the dense CRF raised for this image.
-ERROR_REASONS = INPUT_REASONS + LOAD_REASONS + ("label_failed", "out_of_memory", "mining_failed")
+#: (relation mining, stage ``crf``): the dense CRF raised for this image; ``crashed_worker``: the
+#: image ended its worker process (a native crash, an out-of-memory kill) again and again.
+ERROR_REASONS = INPUT_REASONS + LOAD_REASONS + ("label_failed", "out_of_memory", "mining_failed", "crashed_worker")
 #: Reasons that may go away by themselves (a store that was down, credentials that were fixed,
 #: an actor that ran out of memory): a rerun on the same output tries these images again.
 TRANSIENT_REASONS = ("access_denied", "unreachable", "storage_error", "error", "label_failed")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES, CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
+from irnet_ray.config import DEFAULT_MAX_CRASHES, DEFAULT_MAX_DECODE_BYTES, CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
 
 __all__ = ["LabelJobConfig", "label_settings", "settings_id", "config_from_settings"]
 
@@ -48,6 +48,7 @@ class LabelJobConfig:
     cpus_per_actor: float = 1.0
     decode_cpus: float = 0.25
     write_cpus: float = 0.25
+    max_crashes: int = DEFAULT_MAX_CRASHES  # an image that ends its worker this often becomes crashed_worker
     evaluate: bool = True  # score the labels where the input has ground truth
 
     def __post_init__(self) -> None:

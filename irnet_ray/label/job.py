@@ -23,7 +23,14 @@ from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.resources import plan_pool
-from irnet_ray.pipeline.run import PipelineFailed, PipelineInterrupted, finish_output, open_output, run_pipeline
+from irnet_ray.pipeline.run import (
+    PipelineFailed,
+    PipelineInterrupted,
+    PipelineSpec,
+    finish_output,
+    open_output,
+    run_pipeline,
+)
 
 from .config import LabelJobConfig, label_settings, settings_id
 from .scores import ScoreBoard
@@ -173,8 +180,8 @@ def label_images(
                          cpu_tasks={"decode": config.decode_cpus, "write": config.write_cpus})  # fmt: skip
         log(f"{plan.min_actors}..{plan.max_actors} labeling actor(s), {plan.gpus_per_actor:g} GPU and "
             f"{plan.cpus_per_actor:g} CPU each, {plan.batch_size} image(s) per call")  # fmt: skip
-        run_pipeline(
-            pending, committer, plan=plan, decode_batch_size=config.decode_batch_size,
+        spec = PipelineSpec(
+            decode_batch_size=config.decode_batch_size,
             decode_kwargs={"options": storage_options, "max_side": config.max_side, "min_side": int(config.min_side),
                            "max_pixels": int(config.max_pixels), "max_decode_bytes": int(config.max_decode_bytes),
                            "ground_truth": ground_truth if config.evaluate else None},
@@ -183,8 +190,9 @@ def label_images(
                           "config_id": config_id, "debug": debug},
             write_kwargs={"output": output, "options": storage_options, "data_schema": of.LABEL_SCHEMA,
                           "large_columns": LARGE_COLUMNS, "run_id": run_id, "summarize": summarize_rows},
-            rows_per_file=config.rows_per_file, debug=debug, log=log,
+            rows_per_file=config.rows_per_file,
         )  # fmt: skip
+        run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, debug=debug, log=log)
     labeling_seconds = time.perf_counter() - labeling_started
 
     expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}

@@ -71,10 +71,10 @@ class LabelActor(ModelActor):
     schema = STREAM_SCHEMA
 
     def __init__(self, models: ModelPair, options: StorageOptions, settings: dict, run_id: str, config_id: str,
-                 threads: int, use_gpu: bool, debug: dict | None = None) -> None:  # fmt: skip
+                 threads: int, use_gpu: bool, debug: dict | None = None, **guard) -> None:  # fmt: skip
         from .config import config_from_settings
 
-        super().__init__(threads, use_gpu)
+        super().__init__(threads, use_gpu, **guard)
         cam, irn = load_model_pair(models, options)
         self.cam, self.irn = cam.to(self.device).eval(), irn.to(self.device).eval()
         self.cam_config, self.synthesis_config = config_from_settings(settings)

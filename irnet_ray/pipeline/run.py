@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import ray
@@ -22,10 +23,11 @@ from irnet_ray.data.sources import ImageRecord
 from irnet_ray.data.storage import StorageOptions
 
 from . import commit_log as cl
+from .attempts import DEFAULT_MAX_CRASHES, AttemptLedger, retry_options
 from .resources import PoolPlan
 from .stages import decode_images, write_file
 
-__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "decode_memory", "open_output", "run_pipeline", "finish_output"]
+__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "PipelineSpec", "decode_memory", "open_output", "run_pipeline", "finish_output"]
 
 #: Input blocks at most (each block is one decode task's worth of records).
 MAX_INPUT_BLOCKS = 2000
@@ -63,46 +65,78 @@ def open_output(output: str, job: dict, options: StorageOptions, overwrite: bool
     return state, cl.Committer(output, state, options, run_id, summarize)
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """What a job plugs into the pipeline (the stages are in :mod:`.stages`)."""
+
+    decode_kwargs: dict  # decode_images settings (options, max_side, min_side, max_pixels, ...)
+    decode_batch_size: int
+    actor: type  # a ModelActor subclass
+    actor_kwargs: dict  # its constructor arguments (threads, use_gpu and the guard are added)
+    write_kwargs: dict  # write_file settings (output, options, data_schema, large_columns, run_id, ...)
+    rows_per_file: int
+    cpu_stage: CpuStage | None = None
+
+
 def run_pipeline(
     pending: Sequence[ImageRecord],
     committer: cl.Committer,
-    *,
+    spec: PipelineSpec,
     plan: PoolPlan,
-    decode_kwargs: dict,
-    decode_batch_size: int,
-    actor: type,
-    actor_kwargs: dict,
-    write_kwargs: dict,
-    rows_per_file: int,
-    cpu_stage: CpuStage | None = None,
+    *,
+    max_crashes: int = DEFAULT_MAX_CRASHES,
     debug: dict | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> int:
     """Stream ``pending`` through the pipeline and commit every file as it arrives; returns the
-    number of commits made. ``debug`` (tests): ``stop_after_commits``, ``pause_after_commits``."""
+    number of commits made. An image that ends its worker process ``max_crashes`` times becomes
+    a ``crashed_worker`` error row (:mod:`.attempts`). ``debug`` (tests): ``stop_after_commits``,
+    ``pause_after_commits``."""
     debug = dict(debug or {})
-    stop_after, pause_after = debug.pop("stop_after_commits", None), debug.pop("pause_after_commits", None)
+    ledger = AttemptLedger.remote()
+    try:
+        ds = _dataset(pending, spec, plan, {"ledger": ledger, "max_crashes": int(max_crashes)})
+        return _commit_stream(ds, committer, debug.get("stop_after_commits"), debug.get("pause_after_commits"), log)
+    finally:
+        ray.kill(ledger)
+
+
+def _dataset(pending: Sequence[ImageRecord], spec: PipelineSpec, plan: PoolPlan, guard: dict):
+    # Ray 2.60 has no named parameters for task retries and actor restarts; its deprecation of
+    # ray_remote_args (for 2.64) does not apply to them yet.
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
     rows = [r.to_row() for r in pending]
-    blocks = max(1, min(MAX_INPUT_BLOCKS, -(-len(rows) // int(decode_batch_size))))
+    blocks = max(1, min(MAX_INPUT_BLOCKS, -(-len(rows) // int(spec.decode_batch_size))))
+    crashes = guard["max_crashes"]
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(decode_images, batch_size=int(decode_batch_size), batch_format="numpy",
-                        num_cpus=float(plan.cpu_tasks["decode"]), memory=decode_memory(decode_kwargs, decode_batch_size),
-                        fn_kwargs=decode_kwargs)  # fmt: skip
+    ds = ds.map_batches(decode_images, batch_size=int(spec.decode_batch_size), batch_format="numpy",
+                        num_cpus=float(plan.cpu_tasks["decode"]),
+                        memory=decode_memory(spec.decode_kwargs, spec.decode_batch_size),
+                        fn_kwargs={**spec.decode_kwargs, **guard},
+                        **retry_options(crashes, spec.decode_batch_size, actor=False))  # fmt: skip
     ds = ds.map_batches(
-        actor, batch_size=plan.batch_size, batch_format="numpy",
+        spec.actor, batch_size=plan.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=plan.min_actors, max_size=plan.max_actors),
         num_gpus=plan.gpus_per_actor, num_cpus=plan.cpus_per_actor,
-        fn_constructor_kwargs={**actor_kwargs, "threads": max(1, round(plan.cpus_per_actor)), "use_gpu": plan.use_gpu},
+        fn_constructor_kwargs={**spec.actor_kwargs, **guard, "threads": max(1, round(plan.cpus_per_actor)),
+                               "use_gpu": plan.use_gpu},
+        **retry_options(crashes, plan.batch_size, actor=True),
     )  # fmt: skip
-    if cpu_stage is not None:
-        ds = ds.map_batches(cpu_stage.fn, batch_size=cpu_stage.batch_size, batch_format="pyarrow",
-                            num_cpus=cpu_stage.cpus, fn_kwargs=cpu_stage.kwargs)  # fmt: skip
+    stage = spec.cpu_stage
+    if stage is not None:
+        ds = ds.map_batches(stage.fn, batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=stage.cpus,
+                            fn_kwargs={**stage.kwargs, **guard},
+                            **retry_options(crashes, stage.batch_size, actor=False))  # fmt: skip
     # Ray Data bundles the blocks up to rows_per_file rows per writer call, so files hold
     # rows_per_file rows (fewer only at the end of a bundle). Not repartition(strict=True): its
     # tasks take a whole CPU each, which waits behind the actor pool on small clusters and holds
     # every commit back until the pool is done.
-    ds = ds.map_batches(write_file, batch_size=int(rows_per_file), batch_format="pyarrow",
-                        num_cpus=float(plan.cpu_tasks["write"]), fn_kwargs=write_kwargs)  # fmt: skip
+    return ds.map_batches(write_file, batch_size=int(spec.rows_per_file), batch_format="pyarrow",
+                          num_cpus=float(plan.cpu_tasks["write"]), fn_kwargs=spec.write_kwargs,
+                          **retry_options(0, 1, actor=False))  # fmt: skip
+
+
+def _commit_stream(ds, committer: cl.Committer, stop_after, pause_after, log) -> int:
     commits = 0
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:

@@ -32,6 +32,7 @@ from irnet_ray.data.images import class_ids, decode_keeping_size, object_column
 from irnet_ray.data.parquet_files import content_name, write_table
 from irnet_ray.data.storage import StorageOptions, join
 
+from .attempts import DEFAULT_MAX_CRASHES, guarded
 from .commit_log import DATA
 
 __all__ = ["DECODED_COLUMNS", "ERROR_COLUMNS", "error_fields", "decode_images", "ModelActor", "write_file", "text_of"]
@@ -67,29 +68,49 @@ def decode_images(
     max_pixels: int,
     max_decode_bytes: int | None = None,
     ground_truth: GroundTruth | None = None,
+    ledger=None,
+    max_crashes: int = DEFAULT_MAX_CRASHES,
 ) -> dict[str, np.ndarray]:
     """Record rows -> decoded rows (:data:`DECODED_COLUMNS`); a failure sets ``error``.
 
     Images are decoded one at a time, so a task holds at most ``max_decode_bytes`` for decoding
     (refused from the header above that, see :func:`irnet_ray.data.decode.decode_memory_bytes`)
-    plus the batch's downscaled images: the task's memory reservation."""
-    rows = []
-    for i in range(len(batch["image_id"])):
-        started = time.perf_counter()
-        uri = str(batch["uri"][i])
-        row = {"image_id": str(batch["image_id"][i]), "uri": uri, "classes": class_ids(batch["classes"][i]), "gt": b"",
-               "gt_error": "", **decode_keeping_size(uri, options, max_side, max_pixels=max_pixels,
-                                                     min_side=min_side, max_decode_bytes=max_decode_bytes)}  # fmt: skip
-        row["t_decode"] = time.perf_counter() - started
-        started = time.perf_counter()
-        if ground_truth is not None and not row["error"]:
-            try:
-                row["gt"] = ground_truth(batch, i, uri, (row["orig_height"], row["orig_width"]), options)
-            except Exception as exc:  # noqa: BLE001 - the image is still processed, just not scored
-                row["gt_error"] = text_of(exc)
-        row["t_gt"] = time.perf_counter() - started
-        rows.append(row)
+    plus the batch's downscaled images: the task's memory reservation. An image that keeps
+    killing the decoding process ends as a ``crashed_worker`` row (:mod:`.attempts`)."""
+
+    def decode(indices: list[int]) -> list[dict]:
+        return [_decode_row(batch, i, options, max_side, min_side, max_pixels, max_decode_bytes, ground_truth)
+                for i in indices]  # fmt: skip
+
+    def crashed(i: int, starts: int) -> dict:
+        return {**_undecoded_row(batch, i),
+                "error": f"crashed_worker: decoding this image ended its worker process {starts} time(s)"}  # fmt: skip
+
+    rows = guarded(ledger, max_crashes, [str(v) for v in batch["image_id"]], decode, crashed)
     return {name: object_column([r[name] for r in rows]) for name in DECODED_COLUMNS}
+
+
+def _undecoded_row(batch: dict, i: int) -> dict:
+    return {"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "classes": class_ids(batch["classes"][i]),
+            "gt": b"", "gt_error": "", "image": b"", "height": 0, "width": 0, "orig_height": 0, "orig_width": 0,
+            "error": "", "t_decode": 0.0, "t_gt": 0.0}  # fmt: skip
+
+
+def _decode_row(batch: dict, i: int, options, max_side, min_side, max_pixels, max_decode_bytes, ground_truth) -> dict:
+    started = time.perf_counter()
+    row = _undecoded_row(batch, i)
+    uri = row["uri"]
+    row.update(decode_keeping_size(uri, options, max_side, max_pixels=max_pixels, min_side=min_side,
+                                   max_decode_bytes=max_decode_bytes))  # fmt: skip
+    row["t_decode"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if ground_truth is not None and not row["error"]:
+        try:
+            row["gt"] = ground_truth(batch, i, uri, (row["orig_height"], row["orig_width"]), options)
+        except Exception as exc:  # noqa: BLE001 - the image is still processed, just not scored
+            row["gt_error"] = text_of(exc)
+    row["t_gt"] = time.perf_counter() - started
+    return row
 
 
 class ModelActor:
@@ -108,13 +129,14 @@ class ModelActor:
     #: Stage and reason recorded when :meth:`process` raises for one image.
     failure = ("label", "label_failed")
 
-    def __init__(self, threads: int, use_gpu: bool) -> None:
+    def __init__(self, threads: int, use_gpu: bool, ledger=None, max_crashes: int = DEFAULT_MAX_CRASHES) -> None:
         import torch
 
         from irnet_ray.inference import resolve_device
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = resolve_device("cuda" if use_gpu else "cpu")
+        self.ledger, self.max_crashes = ledger, int(max_crashes)
 
     def check(self, row: dict) -> tuple[str, str] | None:
         return None
@@ -140,7 +162,14 @@ class ModelActor:
                 out[i] = {**self.base_fields(row), **error_fields("input", *problem)}
                 continue
             good.append(i)
-        for i, result in zip(good, self._process_isolating_failures([rows[i] for i in good])):
+        def crashed(j: int, starts: int) -> dict:
+            message = f"labeling this image ended the actor's process {starts} time(s)"
+            return {**self.base_fields(rows[good[j]]), **error_fields(self.failure[0], "crashed_worker", message)}
+
+        results = guarded(self.ledger, self.max_crashes, [str(rows[i]["image_id"]) for i in good],
+                          lambda indices: self._process_isolating_failures([rows[good[j]] for j in indices]),
+                          crashed)  # fmt: skip
+        for i, result in zip(good, results):
             out[i] = result
         return pa.Table.from_pylist(out, schema=self.schema)
 
