@@ -324,7 +324,8 @@ def connected_components(labels: torch.Tensor, *, method: str = "auto", check_ev
     if method not in ("auto", "scipy", "torch"):
         raise ValueError(f"method must be auto, scipy or torch, got {method!r}")
     if method == "scipy" or (method == "auto" and labels.device.type == "cpu"):
-        return torch.stack([torch.from_numpy(_components_scipy(m.cpu().numpy())) for m in labels]).to(labels.device) if len(labels) else labels.long()
+        maps = [torch.from_numpy(_components_scipy(m.cpu().numpy())) for m in labels]
+        return torch.stack(maps).to(labels.device) if maps else labels.long()
     return _components_torch(labels.long(), check_every)
 
 

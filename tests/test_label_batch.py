@@ -210,14 +210,16 @@ def test_group_and_instance_caps_keep_the_largest_and_best():
     np.testing.assert_array_equal(best.masks, everything.masks[[1, 3]])
 
 
-def test_capped_batch_synthesis_equals_the_reference():
+@pytest.mark.parametrize("method", ["auto", "torch"])  # CPU: scipy components, or the device code
+def test_capped_batch_synthesis_equals_the_reference(method):
     field, labels = squares_field([3, 7, 4, 8, 5, 6, 2, 9])
     cams = torch.from_numpy(np.stack([(labels % 2 == 1) * 0.8, (labels % 2 == 0) * (labels > 0) * 1.0])).float()
     boundary = torch.from_numpy(scipy.ndimage.morphological_gradient(labels, size=2) > 0).float() * 0.9
     size = (158, 190)  # stride-4 grid 40 x 48
     for config in [SynthesisConfig(steps=32), SynthesisConfig(steps=32, max_groups=3, max_instances=4)]:
         expected = synthesize_labels(cams, [1, 3], boundary, field, size, config)
-        got = synthesize_labels_batch([cams], [torch.tensor([1, 3])], [boundary], [torch.from_numpy(field)], [size], config)[0]
+        got = synthesize_labels_batch([cams], [torch.tensor([1, 3])], [boundary], [torch.from_numpy(field)], [size],
+                                      config, components_method=method)[0]
         assert_same_labels(got, expected, semantic_agreement=1.0)
         assert len(got.instances) <= config.max_instances
     assert len(got.instances) == 4 and got.instance_map.max() == 3
