@@ -230,7 +230,9 @@ def _check_batch(images: Sequence, classes: Sequence, num_classes: int) -> tuple
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"image {n} must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-            image = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)  # read-only arrays too
+            if not image.flags.writeable:  # Pillow-backed arrays are read-only; torch wants to own one
+                image = image.copy()
+            image = torch.from_numpy(image).permute(2, 0, 1)
         elif isinstance(image, torch.Tensor):
             if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
                 raise ValueError(f"image {n} must be (3, H, W) uint8, got {tuple(image.shape)} {image.dtype}")
@@ -266,7 +268,12 @@ def _canvas(images: list[torch.Tensor], size: tuple[int, int], device: torch.dev
     return canvas.contiguous(memory_format=torch.channels_last) if cuda else canvas
 
 
-def _halving_on_oom(items: list[_Item], run: Callable[[list[_Item]], list], describe: Callable[[_Item], tuple[int, tuple[int, int]]], stage: str) -> list:
+def _halving_on_oom(
+    items: list[_Item],
+    run: Callable[[list[_Item]], list],
+    describe: Callable[[_Item], tuple[int, tuple[int, int]]],
+    stage: str,
+) -> list:
     """``run(items)``; on device out-of-memory, the two halves separately, down to one item."""
     try:
         return run(items)
@@ -306,7 +313,9 @@ def _run_buckets(cam_model, images, classes, config: CamInferenceConfig, infer) 
 
 
 @torch.no_grad()
-def infer_cams_batch(cam_model: CamNet, images, classes, config: CamInferenceConfig = CamInferenceConfig()) -> list[CamOutput]:
+def infer_cams_batch(
+    cam_model: CamNet, images, classes, config: CamInferenceConfig = CamInferenceConfig()
+) -> list[CamOutput]:
     """:func:`infer_cams` of many images (one ``classes`` list per image), one result per image,
     bucketed as the module doc says (full-resolution ``highres`` CAMs for relation mining)."""
     tensors, ids = _check_batch(images, classes, cam_model.num_classes)

@@ -94,8 +94,8 @@ def _transition_rows(boundary: torch.Tensor, radius: int, beta: float) -> tuple[
     )
     values = torch.cat([backward, torch.ones_like(forward[:1]), forward])  # (2P + 1, h, w)
     present = torch.cat([backward_valid, torch.ones_like(valid[:1]), valid])
-    offsets = torch.tensor([(-dy, -dx) for dy, dx in reversed_offsets] + [(0, 0)] + list(index.offsets), device=device)
-    flat_offset = (offsets[:, 0] * width + offsets[:, 1]).view(-1, 1, 1)
+    offsets = [(-dy, -dx) for dy, dx in reversed_offsets] + [(0, 0)] + list(index.offsets)
+    flat_offset = to_device([dy * width + dx for dy, dx in offsets], device).view(-1, 1, 1)
     pixel = torch.arange(height * width, device=device).view(1, height, width)
     columns = torch.where(present, pixel + flat_offset, pixel)
     values = values / values.sum(dim=0, keepdim=True)  # S^-1: the diagonal keeps every sum >= 1
@@ -108,6 +108,7 @@ def _rows_to_csr(columns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         # torch flags CSR as beta; products with it are what we need and are tested here.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks")
         return torch.sparse_csr_tensor(crow, columns.flatten(), values.flatten(), (rows, rows))
 
 
@@ -189,7 +190,9 @@ def _check_displacement(displacement) -> torch.Tensor:
     return displacement
 
 
-def _sample(fields: torch.Tensor, y: torch.Tensor, x: torch.Tensor, last_row: torch.Tensor, last_col: torch.Tensor) -> torch.Tensor:
+def _sample(
+    fields: torch.Tensor, y: torch.Tensor, x: torch.Tensor, last_row: torch.Tensor, last_col: torch.Tensor
+) -> torch.Tensor:
     """Bilinear sample of (N, 2, h, w) fields at float pixel positions (N, h, w), each inside its
     own image ``[0, last_row] x [0, last_col]`` ((N, 1, 1) limits; the canvas may be larger).
 
@@ -229,12 +232,18 @@ def _refined_centroids(
     return cy, cx
 
 
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small int64 table from the host: pinned and non-blocking on CUDA, so the device queue
+    does not wait for it (a pageable copy makes the stream synchronise)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _image_limits(sizes: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 1, 1) last row and last column of each image, copied without a device sync."""
-    host = torch.tensor([[h - 1, w - 1] for h, w in sizes], dtype=torch.long)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    limits = host.to(device, non_blocking=True)
+    limits = to_device([[h - 1, w - 1] for h, w in sizes], device)
     return limits[:, 0].view(-1, 1, 1), limits[:, 1].view(-1, 1, 1)
 
 
@@ -547,7 +556,7 @@ def walk_inputs(cams: torch.Tensor, groups: torch.Tensor, num_groups: int) -> to
     """The K class maps and the K x G instance-wise maps of Eq. 11, ``M_ck = M_c * [I == k]``,
     stacked for one walk (they share the transition matrix). Group 0 (pixels whose centroid
     lands on no candidate) keeps its CAM mass as its own group."""
-    one_hot = F.one_hot(groups, num_groups).permute(2, 0, 1).to(cams.dtype)  # (G, h, w)
+    one_hot = (groups == torch.arange(num_groups, device=groups.device).view(-1, 1, 1)).to(cams.dtype)  # (G, h, w)
     instance_cams = (cams.unsqueeze(1) * one_hot.unsqueeze(0)).flatten(0, 1)  # (K*G, h, w)
     return torch.cat([cams, instance_cams])
 
@@ -559,7 +568,8 @@ def class_keys(classes: torch.Tensor) -> torch.Tensor:
 
 def _empty_labels(height: int, width: int) -> SynthesizedLabels:
     empty = InstanceLabels(np.zeros((0, height, width), bool), np.zeros(0, np.int64), np.zeros(0, np.float32))
-    return SynthesizedLabels(np.zeros((height, width), np.uint8), empty, np.zeros((-(-height // 4), -(-width // 4)), np.int32))
+    strided = np.zeros((-(-height // 4), -(-width // 4)), np.int32)
+    return SynthesizedLabels(np.zeros((height, width), np.uint8), empty, strided)
 
 
 def _wait(device: torch.device) -> None:
@@ -612,7 +622,8 @@ def synthesize_labels_batch(
     for n, scores in zip(active, walked):
         full = upsample_to_image(scores, image_sizes[n])
         k = len(classes[n])
-        semantic.append(class_keys(classes[n].to(device))[labels_from_scores(full[:k], config.sem_background_threshold)])
+        keys = class_keys(classes[n].to(device))
+        semantic.append(keys[labels_from_scores(full[:k], config.sem_background_threshold)])
         winners.append(labels_from_scores(full[k:], config.ins_background_threshold))
         normalised.append(divide_by_max(full[k:]))
     height = max(w.shape[0] for w in winners)

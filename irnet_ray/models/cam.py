@@ -131,9 +131,13 @@ def multiscale_cams_batch(
         cams = per_view[:count] + per_view[count:].flip(-1) if config.flip else per_view
         strided += F.interpolate(cams, small, mode="bilinear", align_corners=False)
         highres += F.interpolate(cams, padded, mode="bilinear", align_corners=False)
+    # All class ids in one host-to-device copy (pinned, non-blocking on CUDA: no stream wait).
+    per_image = [torch.as_tensor(ids, dtype=torch.long).flatten().tolist() for ids in classes]
+    host = torch.tensor([c for ids in per_image for c in ids], dtype=torch.long)
+    cuda = images.device.type == "cuda"
+    all_ids = (host.pin_memory() if cuda else host).to(images.device, non_blocking=cuda)
     outputs = []
-    for n, ((h, w), ids) in enumerate(zip(sizes, classes, strict=True)):
-        ids = torch.as_tensor(ids, dtype=torch.long).flatten().to(images.device)
+    for n, ((h, w), ids) in enumerate(zip(sizes, all_ids.split([len(i) for i in per_image]), strict=True)):
         index = ids - 1
         own_strided = strided[n, index, : math.ceil(h / 4), : math.ceil(w / 4)]
         own_highres = highres[n, index, :h, :w]
