@@ -344,8 +344,9 @@ def label_batch(
     ``images``: (H, W, 3) uint8 arrays or (3, H, W) uint8 tensors of any sizes; ``classes``: one
     list of 1-based class ids per image. Buckets, validation and out-of-memory handling: module
     doc. ``timings``, when given, receives the batch's seconds per stage: ``"inference"``
-    (backbone and heads), ``"walk"``, ``"instances"`` (refinement, centroid groups, instance
-    masks) and ``"synthesis"`` (walk + instances + labels); CUDA work is waited for first.
+    (backbone and heads), ``"walk"``, ``"instances"`` (refinement, centroid groups, semantic
+    and instance labels, host copies) and ``"synthesis"`` (their total); CUDA work is waited for
+    before each reading.
     """
     tensors, ids = _check_batch(images, classes, cam_model.num_classes)
     if not tensors:

@@ -5,6 +5,14 @@ squares it eight times, which costs O(N^2) memory and O(N^3) time and forces a 5
 Here the transition matrix is a sparse CSR matrix with at most 69 non-zeros per row (radius 5)
 and ``T^t x`` is computed as t sparse products: any image size, a small fraction of the work,
 the same numbers (tests compare against the dense formula).
+
+:func:`synthesize_labels` (with :func:`instance_map` and :func:`instances_from_segments`) is the
+readable per-image reference. :func:`synthesize_labels_batch` is the same math for a batch on
+the models' device: it reuses every helper (Eq. 10 refinement, Eq. 11 walk inputs, the walk,
+``upsample_to_image``, ``labels_from_scores``), runs the refinement of all images at once, the
+walk as one block-diagonal matrix built without host round trips, and connected components
+with :func:`connected_components` (a torch implementation on GPUs, numbered exactly as scipy
+numbers them). ``SynthesisConfig.max_groups`` / ``max_instances`` bound the memory per image.
 """
 
 from __future__ import annotations

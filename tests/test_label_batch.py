@@ -69,7 +69,7 @@ def test_same_size_batch_equals_label_image(models):
     timings: dict[str, float] = {}
     batch = label_batch(cam, irn, images, classes, CAMS, WALK, timings)
     assert set(timings) >= {"inference", "walk", "instances", "synthesis"}
-    assert timings["synthesis"] >= timings["walk"] + timings["instances"] * 0.99
+    assert timings["synthesis"] >= timings["walk"] + timings["instances"]
     assert sum(len(labels.instances) for labels, _ in batch) > 0  # something to compare
     for image, ids, (labels, inferred) in zip(images, classes, batch):
         expected, alone = label_image(cam, irn, image, ids, CAMS, WALK)
