@@ -94,27 +94,33 @@ def boundary_to_affinity(boundary: torch.Tensor, index: PairIndex) -> torch.Tens
     """
     # Each distinct pixel offset is shifted once and shared by all paths through it; paths of
     # equal length are then reduced together with one gather and one max.
-    distinct, groups = _path_tables(index)
+    distinct, groups = _path_tables(index, boundary.device)
     shifted = torch.stack([shift(boundary, dy, dx) for dy, dx in distinct], dim=-3)
     height, width = boundary.shape[-2:]
     strongest = boundary.new_empty(*boundary.shape[:-2], index.num_pairs, height, width)
     for pairs, table in groups:
-        gathered = shifted.index_select(-3, table.to(boundary.device).flatten())
+        gathered = shifted.index_select(-3, table.flatten())
         gathered = gathered.unflatten(-3, tuple(table.shape))  # (..., P_L, L, h, w)
-        strongest[..., pairs.to(boundary.device), :, :] = gathered.amax(dim=-3)
+        strongest[..., pairs, :, :] = gathered.amax(dim=-3)
     return 1.0 - strongest
 
 
 @functools.lru_cache(maxsize=None)
-def _path_tables(index: PairIndex) -> tuple[list[tuple[int, int]], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Distinct path offsets, and per path length: (pair ids, (P_L, L) slots into them)."""
+def _path_tables(
+    index: PairIndex, device: torch.device
+) -> tuple[list[tuple[int, int]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Distinct path offsets, and per path length: (pair ids, (P_L, L) slots into them), kept
+    on ``device`` (a copy per call would make the device wait for the host each time)."""
     distinct = sorted({k for path in index.paths for k in path})
     slot = {k: n for n, k in enumerate(distinct)}
     by_length: dict[int, list[int]] = {}
     for pair, path in enumerate(index.paths):
         by_length.setdefault(len(path), []).append(pair)
     groups = [
-        (torch.tensor(pairs), torch.tensor([[slot[k] for k in index.paths[p]] for p in pairs]))
+        (
+            torch.tensor(pairs, device=device),
+            torch.tensor([[slot[k] for k in index.paths[p]] for p in pairs], device=device),
+        )
         for _, pairs in sorted(by_length.items())
     ]
     return distinct, groups

@@ -88,6 +88,19 @@ class CamInferenceConfig:
     flip: bool = True
     # Raw-CAM semantic labels for evaluation: constant background score, then argmax.
     eval_background_threshold: float = 0.15
+    # IRNet's boundary map is sigmoid(mean of the edge logits of the image and of its mirror
+    # image, flipped back), as the reference's EdgeDisplacement does; the displacement field
+    # always comes from the unflipped image. False: the unflipped boundary alone.
+    boundary_flip: bool = True
+    # Batched inference: images whose height and width round up to the same multiple of this
+    # share one bucket (one backbone call per scale), zero-padded in normalised space at the
+    # bottom/right. 32 = 2 x the output stride: every default scale (0.5, 1, 1.5, 2) of a
+    # bucket is then a whole number of stride-16 cells, and it halves the number of buckets of
+    # 16 for about 4 % more padded pixels on VOC-sized images.
+    bucket_multiple: int = 32
+    # Arithmetic of the model passes: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or
+    # "bf16". Label synthesis (random walk, refinement) always runs in fp32.
+    precision: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,3 +150,8 @@ class SynthesisConfig:
     displacement_iterations: int = 100
     centroid_threshold: float = 2.5
     min_instance_fraction: float = 0.01
+    # Memory bounds of one image (none binds on normal images: VOC has at most ~20 objects).
+    # Centroid groups beyond the cap are the smallest (fewest assigned pixels); their pixels go
+    # to group 0 ("no centroid"). Instances beyond the cap are the lowest-scoring ones.
+    max_groups: int = 64
+    max_instances: int = 100

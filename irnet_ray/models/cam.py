@@ -77,42 +77,74 @@ def multiscale_cams(
     """Sum of per-scale (and flipped) CAMs at stride 4 and at full resolution, per-class normalised.
 
     ``image``: normalised (3, H, W). ``classes``: 1-based class ids present in the image.
-    ``scale_one_features``: last-stage features of the unflipped image at scale 1.0 when the
-    caller already ran the backbone (the labeling job shares one pass with IRNet).
+    ``scale_one_features``: last-stage features at scale 1.0 when the caller already ran the
+    backbone (the labeling job shares one pass with IRNet): of the unflipped image (1 row), or
+    of the image and its mirror image (2 rows).
     """
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    classes = torch.as_tensor(classes, dtype=torch.long, device=image.device).flatten()
+    classes = torch.as_tensor(classes, dtype=torch.long).flatten()
     if classes.numel() and (classes.min() < 1 or classes.max() > model.num_classes):
         raise ValueError(f"class ids must be in 1..{model.num_classes}, got {classes.tolist()}")
     height, width = image.shape[1:]
+    return multiscale_cams_batch(model, image[None], [(height, width)], [classes], config, scale_one_features)[0]
+
+
+@torch.no_grad()
+def multiscale_cams_batch(
+    model: CamNet,
+    images: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    classes: list[torch.Tensor],
+    config: CamInferenceConfig = CamInferenceConfig(),
+    scale_one_features: torch.Tensor | None = None,
+) -> list[CamOutput]:
+    """:func:`multiscale_cams` of a batch: one backbone call per scale (and its flips).
+
+    ``images``: normalised (N, 3, Hb, Wb), image n in the top-left ``sizes[n]`` corner, zeros
+    (the mean colour) elsewhere. Each scale resizes the whole canvas and the CAMs are cropped
+    back to each image, so an image gives the same CAMs in any batch of the same canvas size;
+    with ``Hb, Wb == sizes[0]`` (one unpadded image) this is the per-image method. ``classes``:
+    valid 1-based ids per image (checked by the caller). ``scale_one_features``: (N or 2N, ...)
+    last-stage features at scale 1.0 of the canvas, then of its flips when 2N rows.
+    """
+    count, _, height, width = images.shape
     small = strided_size(height, width, 4)
     # Upsample on the stride-16 grid padded up to a multiple of 16, then crop (as the reference).
     padded = (math.ceil(height / 16) * 16, math.ceil(width / 16) * 16)
-    strided = image.new_zeros(model.num_classes, *small)
-    highres = image.new_zeros(model.num_classes, *padded)
+    strided = images.new_zeros(count, model.num_classes, *small, dtype=torch.float32)
+    highres = images.new_zeros(count, model.num_classes, *padded, dtype=torch.float32)
     for scale in config.scales:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        scaled = image[None] if size == (height, width) else F.interpolate(
-            image[None], size=size, mode="bilinear", align_corners=False
+        scaled = images if size == (height, width) else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=False
         )
         if scale == 1.0 and scale_one_features is not None:
-            cams = model.cams_from_features(scale_one_features)
-            if config.flip:
+            per_view = model.cams_from_features(scale_one_features[: 2 * count if config.flip else count])
+            if config.flip and scale_one_features.shape[0] == count:
                 flipped = model.cams_from_features(model.backbone(scaled.flip(-1))[-1])
-                cams = cams + flipped.flip(-1)
+                per_view = torch.cat([per_view, flipped])
         else:
             batch = torch.cat([scaled, scaled.flip(-1)]) if config.flip else scaled
             per_view = model.cams_from_features(model.backbone(batch)[-1])
-            cams = per_view[:1] + per_view[1:].flip(-1) if config.flip else per_view
-        strided += F.interpolate(cams, small, mode="bilinear", align_corners=False)[0]
-        highres += F.interpolate(cams, padded, mode="bilinear", align_corners=False)[0]
-    index = classes - 1
-    strided = strided[index]
-    highres = highres[index, :height, :width]
-    strided = strided / (strided.amax(dim=(1, 2), keepdim=True) + 1e-5)
-    highres = highres / (highres.amax(dim=(1, 2), keepdim=True) + 1e-5)
-    return CamOutput(classes=classes, strided=strided, highres=highres)
+        per_view = per_view.float()  # bf16 under autocast; the sums below are fp32
+        cams = per_view[:count] + per_view[count:].flip(-1) if config.flip else per_view
+        strided += F.interpolate(cams, small, mode="bilinear", align_corners=False)
+        highres += F.interpolate(cams, padded, mode="bilinear", align_corners=False)
+    # All class ids in one host-to-device copy (pinned, non-blocking on CUDA: no stream wait).
+    per_image = [torch.as_tensor(ids, dtype=torch.long).flatten().tolist() for ids in classes]
+    host = torch.tensor([c for ids in per_image for c in ids], dtype=torch.long)
+    cuda = images.device.type == "cuda"
+    all_ids = (host.pin_memory() if cuda else host).to(images.device, non_blocking=cuda)
+    outputs = []
+    for n, ((h, w), ids) in enumerate(zip(sizes, all_ids.split([len(i) for i in per_image]), strict=True)):
+        index = ids - 1
+        own_strided = strided[n, index, : math.ceil(h / 4), : math.ceil(w / 4)]
+        own_highres = highres[n, index, :h, :w]
+        own_strided = own_strided / (own_strided.amax(dim=(1, 2), keepdim=True) + 1e-5)
+        own_highres = own_highres / (own_highres.amax(dim=(1, 2), keepdim=True) + 1e-5)
+        outputs.append(CamOutput(classes=ids, strided=own_strided, highres=own_highres))
+    return outputs
 
 
 def cam_semantic_labels(highres: torch.Tensor, classes: torch.Tensor, background: float) -> torch.Tensor:

@@ -73,9 +73,16 @@ class IRNet(nn.Module):
 
     def forward(self, features: list[torch.Tensor], subtract_mean: bool | None = None) -> IrnOutput:
         """``subtract_mean`` defaults to ``not self.training``."""
+        return IrnOutput(
+            boundary=torch.sigmoid(self.boundary_logits(features)),
+            displacement=self.displacement_field(features, subtract_mean),
+        )
+
+    def boundary_logits(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Boundary branch before the sigmoid, (N, h, w): inference averages the logits of an
+        image and of its mirror image (the reference's EdgeDisplacement)."""
         x1, x2, x3, x4, x5 = (f.detach() for f in features)
         h, w = x2.shape[-2:]
-        h8, w8 = x3.shape[-2:]
         edge = torch.cat(
             [
                 self.edge1(x1),
@@ -86,15 +93,21 @@ class IRNet(nn.Module):
             ],
             dim=1,
         )
-        boundary = torch.sigmoid(self.edge_out(edge))[:, 0]
+        return self.edge_out(edge)[:, 0]
+
+    def displacement_field(self, features: list[torch.Tensor], subtract_mean: bool | None = None) -> torch.Tensor:
+        """Displacement branch, (N, 2, h, w); ``subtract_mean`` defaults to ``not self.training``."""
+        x1, x2, x3, x4, x5 = (f.detach() for f in features)
+        h, w = x2.shape[-2:]
+        h8, w8 = x3.shape[-2:]
         merged = torch.cat(
             [self.dp3(x3), self.dp4(x4)[..., :h8, :w8], self.dp5(x5)[..., :h8, :w8]], dim=1
         )
         top_down = self.dp_merge(merged)[..., :h, :w]
         displacement = self.dp_decode(torch.cat([self.dp1(x1), self.dp2(x2), top_down], dim=1))
         if subtract_mean if subtract_mean is not None else not self.training:
-            displacement = displacement - self.mean_displacement.view(1, 2, 1, 1)
-        return IrnOutput(boundary=boundary, displacement=displacement)
+            displacement = displacement - self.mean_displacement.view(1, 2, 1, 1).to(displacement.dtype)
+        return displacement
 
 
 def crop_to_image(output: IrnOutput, height: int, width: int) -> IrnOutput:
