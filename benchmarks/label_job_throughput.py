@@ -1,12 +1,19 @@
 #!/usr/bin/env python
-"""Benchmark: throughput of the labeling job (``irnet_ray.label.label_images``) for 1 and 2
-actors, and the per-image cost of each stage.
+"""Benchmark: throughput of the labeling job (``irnet_ray.label.label_images``) with 1 actor using
+all the CPUs vs N actors sharing them, and the per-image cost of each stage.
 
 The job runs end to end exactly as ``irnet-ray label`` runs it (Ray Data decode tasks ->
 labeling actor pool -> Parquet writer -> driver commits -> manifest), on a local Ray started by
 this script, over synthetic images of ``--image-size`` pixels with ResNet CAM + IRNet models
 (seeded random weights by default: the cost of labeling does not depend on what the weights
 learned, except through the number of instances; pass ``--cam`` / ``--irn`` for trained ones).
+The labels are scored against the synthetic set's ground truth, as ``irnet-ray label`` does by
+default (``--no-eval`` turns it off).
+
+The pool always gets the same ``--cpus`` (default: every core): A actors get ``--cpus / A`` CPUs
+each, and their torch threads follow (the job sets them from the CPU reservation). So the
+baseline, 1 actor, runs with every core's threads; the question is whether splitting the same
+cores into several actors pays, not whether more cores do.
 
 Images/s, steady state: the driver commits each written file as it arrives and records the
 time of every commit; with files of ``--batch-size`` rows the commits stream in while the job
@@ -17,19 +24,23 @@ divided by the job's labeling wall time, fixed costs included) is reported too. 
 steady rate with A actors / steady rate with the first actor count, in the same run of this
 script. One small warm-up job runs first (process and file caches).
 
+The in-process comparison of per-image and batched labeling (no Ray) is
+``benchmarks/label_throughput.py``.
+
 Per-stage cost (ms per image, from the job's own timings in ``_manifest.json`` of each actor
 count's run): ``decode`` (read + decode + downscale, CPU tasks), ``inference`` (one
 backbone pass + CAM head + IRNet, plus the other CAM scales), ``synthesis`` (instance map,
 random walk, semantic and instance labels; :func:`irnet_ray.synthesis.synthesize_labels` does
 walk and instances in one call, so they are one stage), ``encode`` (back to the original size,
-PNG, COCO RLE), ``write`` (Parquet to storage, per image). Stage times are summed over images;
+PNG, COCO RLE), ``score`` (mIoU and AP accumulators against the ground truth, with the paper's
+baseline rows; 0 with ``--no-eval``), ``write`` (Parquet to storage, per image). Stage times are summed over images;
 with several actors they overlap in wall time.
 
 Usage::
 
-    python benchmarks/label_throughput.py                                     # defaults, CPU
-    python benchmarks/label_throughput.py --images 8 --batch-size 2 --actors 1 --image-size 64  # quick check
-    python benchmarks/label_throughput.py --gpus-per-actor 1 --image-size 512 --arch resnet50 --json gpu.json
+    python benchmarks/label_job_throughput.py                                     # defaults, CPU
+    python benchmarks/label_job_throughput.py --images 8 --batch-size 2 --actors 1 --image-size 64  # quick check
+    python benchmarks/label_job_throughput.py --gpus-per-actor 1 --image-size 512 --arch resnet50 --json gpu.json
 """
 
 from __future__ import annotations
@@ -48,7 +59,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-STAGES = ("decode", "inference", "synthesis", "encode", "write")
+STAGES = ("decode", "inference", "synthesis", "encode", "score", "write")
+#: Logical CPUs left beside the pool for the decode and write tasks: a pool that reserves every
+#: CPU starves them and the job never starts.
+TASK_CPUS = 0.5
 
 
 def _ints(text: str) -> list[int]:
@@ -82,10 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--walk-steps", type=int, default=256)
     parser.add_argument("--max-side", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=2, help="images per actor call and per file")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1),
+                        help="CPUs the actor pool shares: A actors get --cpus / A each (and as many torch threads)")
     parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: CPU actors")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs of the local Ray (default: the cores, at least the largest pool + 0.5)")
+                        help="logical CPUs of the local Ray (default: the cores, at least --cpus + 0.5)")
+    parser.add_argument("--no-eval", action="store_true", help="do not score the labels (irnet-ray label --no-eval)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.images < 4 * args.batch_size:
@@ -135,20 +151,20 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     # Logical CPUs: every core, and at least the largest pool plus room for the decode and write
     # tasks (a pool that takes every CPU starves them and the job refuses to start).
-    num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(max(args.actors) * args.cpus_per_actor + 0.5))
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(args.cpus + TASK_CPUS))
     ray.init(num_cpus=num_cpus, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
     ray_init_seconds = time.perf_counter() - started
     base = LabelJobConfig(
         cam_inference=CamInferenceConfig(scales=tuple(args.scales)),
         synthesis=SynthesisConfig(steps=args.walk_steps), max_side=args.max_side, batch_size=args.batch_size,
-        decode_batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-        rows_per_file=args.batch_size, evaluate=False,
+        decode_batch_size=args.batch_size, cpus_per_actor=args.cpus, gpus_per_actor=args.gpus_per_actor,
+        rows_per_file=args.batch_size, evaluate=not args.no_eval,
     )  # fmt: skip
     rows = []
     try:
         label_images(records[:2], cam_uri, irn_uri, str(work / "warm-up"), base, overwrite=True)
         for actors in args.actors:
-            config = dataclasses.replace(base, min_actors=actors, max_actors=actors)
+            config = dataclasses.replace(base, min_actors=actors, max_actors=actors, cpus_per_actor=args.cpus / actors)
             output = work / f"out-{actors}"
             summary = label_images(records, cam_uri, irn_uri, str(output), config, overwrite=True)
             if summary["labeled"] != args.images:
@@ -159,6 +175,8 @@ def run(args: argparse.Namespace) -> dict:
             after_first = sum(len(c["image_ids"]) for c in commits[1:])
             rows.append({
                 "actors": actors,
+                "cpus_per_actor": args.cpus / actors,
+                "threads_per_actor": max(1, round(args.cpus / actors)),
                 "images_per_second": after_first / window if window > 0 else None,
                 "end_to_end_images_per_second": args.images / summary["labeling_seconds"],
                 "labeling_seconds": summary["labeling_seconds"],
@@ -186,13 +204,14 @@ def _number(value) -> str:
 
 def table(result: dict) -> str:
     lines = [
-        "| actors | images/s (steady) | speedup | images/s (end to end) | "
+        "| actors | CPUs x threads per actor | images/s (steady) | speedup | images/s (end to end) | "
         + " | ".join(f"{s} ms/img" for s in STAGES) + " |",
-        "|" + "---|" * (4 + len(STAGES)),
+        "|" + "---|" * (5 + len(STAGES)),
     ]
     for row in result["rows"]:
         stages = " | ".join(f"{row['ms_per_image'][s]:.1f}" for s in STAGES)
-        lines.append(f"| {row['actors']} | {_number(row['images_per_second'])} | {_number(row['speedup'])} | "
+        lines.append(f"| {row['actors']} | {row['cpus_per_actor']:g} x {row['threads_per_actor']} | "
+                     f"{_number(row['images_per_second'])} | {_number(row['speedup'])} | "
                      f"{row['end_to_end_images_per_second']:.2f} | {stages} |")  # fmt: skip
     return "\n".join(lines)
 
