@@ -17,8 +17,10 @@ Method: per size, one warm-up of each mode (one image per-image, one batch batch
 costs: allocator, oneDNN/cuDNN kernel choice), then ``--repeats`` rounds, each labeling all
 ``--images`` images per-image and then batched (A B A B ...: slow drifts of a shared machine hit
 both modes alike). images/s of a round = images / the round's wall time; the table gives the
-median over rounds and ``batched / per-image`` of the medians. The bar: batching must not be
-slower than per-image on the CPU.
+median over rounds and ``batched / per-image`` of the medians; the ``paired ratio`` is the
+median over rounds of each round's batched rate over the per-image rate just before it (less
+exposed to a shared machine's swings). The bar: batching must not be slower than per-image on
+the CPU.
 
 Stage shares: the fraction of a mode's wall time (summed over rounds) spent in ``inference``
 (backbone, CAM head, IRNet), ``walk`` (random walk), ``instances`` (instance map) and ``other``
@@ -175,6 +177,11 @@ def measure_size(side: int, cam, irn, args, cam_config, synthesis_config) -> dic
         row[mode] = {"images_per_second": statistics.median(rates), "rounds_images_per_second": rates,
                      "wall_seconds": wall, **stage_split(wall, reported, probed)}  # fmt: skip
     row["ratio"] = row["batched"]["images_per_second"] / row["per-image"]["images_per_second"]
+    # Each round's batched rate over the per-image rate just before it: adjacent in time, so
+    # less exposed to a shared machine's swings than the ratio of the medians.
+    row["paired_ratios"] = [b / p for p, b in zip(row["per-image"]["rounds_images_per_second"],
+                                                  row["batched"]["rounds_images_per_second"], strict=True)]  # fmt: skip
+    row["paired_ratio_median"] = statistics.median(row["paired_ratios"])
     semantic = {mode: [labels.semantic for labels, _ in rounds[mode][-1]["results"]] for mode in MODES}
     row["agreement"] = semantic_agreement(semantic["per-image"], semantic["batched"])
     return row
@@ -213,15 +220,18 @@ def table(result: dict) -> str:
     from labeling_common import SHARES
 
     shares = " | ".join(f"{s} %" for s in SHARES)
-    lines = [f"| size | mode | images/s (median) | batched / per-image | {shares} | agreement % |",
-             "|" + "---|" * (5 + len(SHARES))]  # fmt: skip
+    lines = [f"| size | mode | images/s (median) | rounds (min-max) | batched / per-image | paired ratio (median) | "
+             f"{shares} | agreement % |", "|" + "---|" * (7 + len(SHARES))]  # fmt: skip
     for row in result["rows"]:
         for mode in MODES:
             m = row[mode]
             split = " | ".join(f"{100 * m['shares'][s]:.1f}" for s in SHARES)
             ratio = f"{row['ratio']:.2f}" if mode == "batched" else "-"
+            paired = f"{row['paired_ratio_median']:.2f}" if mode == "batched" else "-"
+            spread = f"{min(m['rounds_images_per_second']):.3f}-{max(m['rounds_images_per_second']):.3f}"
             agreement = f"{100 * row['agreement']:.2f}" if mode == "batched" else "-"
-            lines.append(f"| {row['size']} | {mode} | {m['images_per_second']:.3f} | {ratio} | {split} | {agreement} |")
+            lines.append(f"| {row['size']} | {mode} | {m['images_per_second']:.3f} | {spread} | {ratio} | {paired} | "
+                         f"{split} | {agreement} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ def test_benchmark_compares_per_image_and_batched_labeling(tmp_path):
                "2", "--repeats", "1", "--walk-steps", "8", "--scales", "1.0,0.5", "--threads", "1", "--json", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=55)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| size | mode | images/s (median) | batched / per-image |" in done.stdout
+    assert "| size | mode | images/s (median) | rounds (min-max) | batched / per-image |" in done.stdout
     result = json.loads(out.read_text())
     [row] = result["rows"]
     assert row["size"] == 64 and row["images"] == 2
@@ -43,6 +43,7 @@ def test_benchmark_compares_per_image_and_batched_labeling(tmp_path):
         assert _positive(measured["seconds"]["instances"])
     assert _positive(row["ratio"])
     assert row["ratio"] == pytest.approx(row["batched"]["images_per_second"] / row["per-image"]["images_per_second"])
+    assert len(row["paired_ratios"]) == 1 and _positive(row["paired_ratio_median"])
     assert row["agreement"] > 0.99  # same models, same images: the same labels up to float rounding
     assert result["machine"]["threads"] == 1
 
