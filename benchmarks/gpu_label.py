@@ -67,7 +67,8 @@ MIN_AGREEMENT = 0.99
 TARGET_IMAGES_PER_SECOND = 400.0
 #: ``--quick``: every step at tiny sizes (the CPU smoke test).
 QUICK = {"arch": "resnet18", "size": 64, "batch_sizes": [2], "batches": 1, "repeats": 1, "scales": (1.0, 0.5),
-         "walk_steps": 8, "per_image_images": 2, "check_images": 1, "distinct_images": 2, "peak_size": 256}  # fmt: skip
+         "walk_steps": 8, "per_image_images": 2, "check_images": 1, "distinct_images": 2, "peak_size": 256,
+         "threads": 1}  # fmt: skip
 
 
 def _ints(text: str) -> list[int]:
@@ -109,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak-size", type=int, default=PEAK_SIZE, help="side of the bf16 peak matmul")
     parser.add_argument("--deadline", type=float, default=DEADLINE_SECONDS,
                         help="seconds from the start after which no new batch size starts")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, one per core); 1 keeps a shared machine's "
+                        "busy cores from stalling every thread hand-off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here (rewritten after every step)")
     args = parser.parse_args(argv)
@@ -269,6 +273,8 @@ def main(argv=None) -> int:
     from irnet_ray.inference import label_batch, label_image
     from labeling_common import seeded_models, synthetic_images
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     info = versions(device)
     run.record("versions", info, f"torch {info['torch']}, CUDA {info['cuda']}, {info.get('gpu', 'no GPU')}")
