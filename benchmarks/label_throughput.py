@@ -1,61 +1,68 @@
 #!/usr/bin/env python
-"""Benchmark: throughput of the labeling job (``irnet_ray.label.label_images``) for 1 and 2
-actors, and the per-image cost of each stage.
+"""Benchmark: labeling throughput per image vs batched, in one process, in one run.
 
-The job runs end to end exactly as ``irnet-ray label`` runs it (Ray Data decode tasks ->
-labeling actor pool -> Parquet writer -> driver commits -> manifest), on a local Ray started by
-this script, over synthetic images of ``--image-size`` pixels with ResNet CAM + IRNet models
-(seeded random weights by default: the cost of labeling does not depend on what the weights
-learned, except through the number of instances; pass ``--cam`` / ``--irn`` for trained ones).
+Two ways to label the same images with the same models (same objects, same settings, same
+torch thread count), on this machine's CPU (or ``--device cuda``):
 
-Images/s, steady state: the driver commits each written file as it arrives and records the
-time of every commit; with files of ``--batch-size`` rows the commits stream in while the job
-runs, and the rate is (images committed after the first commit) / (last commit time - first
-commit time). Actor start-up, model loading and Ray Data's start come before the first commit
-and the manifest after the last, so they are left out. The end-to-end rate (``--images``
-divided by the job's labeling wall time, fixed costs included) is reported too. ``speedup`` =
-steady rate with A actors / steady rate with the first actor count, in the same run of this
-script. One small warm-up job runs first (process and file caches).
+* ``per-image``: :func:`irnet_ray.inference.label_image` called image by image, which is what
+  the labeling actors did before batching; the baseline.
+* ``batched``: :func:`irnet_ray.inference.label_batch` over chunks of ``--batch-size`` images.
 
-Per-stage cost (ms per image, from the job's own timings in ``_manifest.json`` of each actor
-count's run): ``decode`` (read + decode + downscale, CPU tasks), ``inference`` (one
-backbone pass + CAM head + IRNet, plus the other CAM scales), ``synthesis`` (instance map,
-random walk, semantic and instance labels; :func:`irnet_ray.synthesis.synthesize_labels` does
-walk and instances in one call, so they are one stage), ``encode`` (back to the original size,
-PNG, COCO RLE), ``write`` (Parquet to storage, per image). Stage times are summed over images;
-with several actors they overlap in wall time.
+Both run the full labeling work: one backbone pass feeding the CAM head and IRNet, CAMs at
+``--scales`` with flips, the random walk (``--walk-steps``), the instance map and the semantic
+and instance labels. Images are the built-in synthetic set at each of ``--sizes`` (square),
+with their classes; models have seeded random weights unless ``--cam`` / ``--irn`` are given.
+
+Method: per size, one warm-up of each mode (one image per-image, one batch batched; first-call
+costs: allocator, oneDNN/cuDNN kernel choice), then ``--repeats`` rounds, each labeling all
+``--images`` images per-image and then batched (A B A B ...: slow drifts of a shared machine hit
+both modes alike). images/s of a round = images / the round's wall time; the table gives the
+median over rounds and ``batched / per-image`` of the medians; the ``paired ratio`` is the
+median over rounds of each round's batched rate over the per-image rate just before it (less
+exposed to a shared machine's swings). The bar: batching must not be slower than per-image on
+the CPU.
+
+Stage shares: the fraction of a mode's wall time (summed over rounds) spent in ``inference``
+(backbone, CAM head, IRNet), ``walk`` (random walk), ``instances`` (instance map) and ``other``
+(everything else: image to tensor, upsampling, making the labels, Python). Where the labeling
+function does not report walk and instances itself they are timed around the synthesis
+module's functions (``benchmarks/labeling_common.py``). ``agreement``: the fraction of pixels
+whose semantic label is the same in both modes (a batched implementation must not change the
+labels beyond float rounding).
+
+The Ray labeling job's throughput (1 actor vs several on the same cores) is measured by
+``benchmarks/label_job_throughput.py``.
 
 Usage::
 
-    python benchmarks/label_throughput.py                                     # defaults, CPU
-    python benchmarks/label_throughput.py --images 8 --batch-size 2 --actors 1 --image-size 64  # quick check
-    python benchmarks/label_throughput.py --gpus-per-actor 1 --image-size 512 --arch resnet50 --json gpu.json
+    python benchmarks/label_throughput.py --json runs/label_throughput.json    # defaults, CPU
+    python benchmarks/label_throughput.py --arch resnet18 --sizes 64 --images 2 --batch-size 2 \\
+        --repeats 1 --walk-steps 8 --scales 1.0                                  # quick check
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import platform
-import signal
+import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-STAGES = ("decode", "inference", "synthesis", "encode", "write")
+MODES = ("per-image", "batched")
+DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 
 
 def _ints(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected integers like 256,512, got {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -63,145 +70,173 @@ def _ints(text: str) -> list[int]:
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 1.0,0.5, got {text!r}") from None
+    if 1.0 not in values:
+        # The shared backbone pass (IRNet's input) is the scale-1.0 pass of CAM inference.
+        raise argparse.ArgumentTypeError(f"the scales must include 1.0, got {text!r}")
+    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    parser.add_argument("--images", type=int, default=24, help="images per job")
-    parser.add_argument("--actors", type=_ints, default=[1, 2], help="actor counts to compare")
-    parser.add_argument("--image-size", type=int, default=256, help="square synthetic image side")
-    parser.add_argument("--classes", type=int, default=4, help="foreground classes of the synthetic set")
+    parser.add_argument("--sizes", type=_ints, default=[256, 512], help="square image sides, one table row each")
+    parser.add_argument("--images", type=int, default=8, help="images per round (each mode labels all of them)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per label_batch call")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of per-image + batched after the warm-up")
     parser.add_argument("--arch", default="resnet50", help="backbone of the seeded models")
     parser.add_argument("--cam", default=None, help="trained CAM model folder (instead of seeded weights)")
     parser.add_argument("--irn", default=None, help="trained IRNet model folder (with --cam)")
-    parser.add_argument("--scales", type=_floats, default=(1.0, 0.5, 1.5, 2.0), help="CAM inference scales")
-    parser.add_argument("--walk-steps", type=int, default=256)
-    parser.add_argument("--max-side", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=2, help="images per actor call and per file")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: CPU actors")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs of the local Ray (default: the cores, at least the largest pool + 0.5)")
+    parser.add_argument("--scales", type=_floats, default=DEFAULT_SCALES, help="CAM inference scales")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="CAMs of flipped images too")
+    parser.add_argument("--walk-steps", type=int, default=256, help="random walk steps t")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (both modes)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convert the models to channels-last memory format (both modes)")
+    parser.add_argument("--device", default="cpu", help="torch device of the models (cpu, cuda)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the synthetic set")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    if args.images < 4 * args.batch_size:
-        parser.error(f"--images must be at least 4 x --batch-size ({4 * args.batch_size}) for a steady-state window")
+    for name in ("images", "batch_size", "repeats", "walk_steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if bool(args.cam) != bool(args.irn):
         parser.error("--cam and --irn go together")
     return args
 
 
-def _seeded_models(folder: Path, vocabulary, arch: str) -> tuple[str, str]:
-    import torch
+def _label_per_image(cam, irn, images, classes, cam_config, synthesis_config) -> tuple[list, dict]:
+    from irnet_ray.inference import label_image
 
-    from irnet_ray.config import BackboneConfig, config_to_dict
-    from irnet_ray.models.cam import CamNet
-    from irnet_ray.models.irnet import IRNet
-    from irnet_ray import model_files
+    results, timings = [], {}
+    for image, c in zip(images, classes, strict=True):
+        own: dict[str, float] = {}
+        results.append(label_image(cam, irn, image, c, cam_config, synthesis_config, own))
+        for key, value in own.items():
+            timings[key] = timings.get(key, 0.0) + value
+    return results, timings
 
-    torch.manual_seed(0)
-    backbone = BackboneConfig(arch=arch)
-    cam = CamNet(backbone, vocabulary.num_classes)
-    irn = IRNet(cam.backbone.channels)
-    cam_uri, irn_uri = str(folder / "cam"), str(folder / "irn")
-    config = {"backbone": config_to_dict(backbone)}
-    model_files.save_model(cam_uri, kind="cam", state_dict=cam.state_dict(), config=config, vocabulary=vocabulary, metrics=[])
-    model_files.save_model(irn_uri, kind="irn", state_dict=irn.state_dict(), config={**config, "cam_model": cam_uri},
-                    vocabulary=vocabulary, metrics=[])  # fmt: skip
-    return cam_uri, irn_uri
+
+def _label_batched(cam, irn, images, classes, cam_config, synthesis_config, batch_size: int) -> tuple[list, dict]:
+    from irnet_ray.inference import label_batch
+
+    results, timings = [], {}
+    for start in range(0, len(images), batch_size):
+        own: dict[str, float] = {}
+        results += label_batch(cam, irn, images[start : start + batch_size], classes[start : start + batch_size],
+                               cam_config, synthesis_config, own)  # fmt: skip
+        for key, value in own.items():
+            timings[key] = timings.get(key, 0.0) + value
+    return results, timings
+
+
+def measure_mode(mode: str, run, device) -> dict:
+    """One round of ``run`` (a mode over all images): wall seconds, reported and probed stages."""
+    from labeling_common import StageProbe, synchronize
+
+    synchronize(device)
+    with StageProbe() as probe:
+        started = time.perf_counter()
+        results, reported = run()
+        synchronize(device)
+        wall = time.perf_counter() - started
+    return {"mode": mode, "wall": wall, "reported": reported, "probed": dict(probe.seconds), "results": results}
+
+
+def measure_size(side: int, cam, irn, args, cam_config, synthesis_config) -> dict:
+    """Warm-up, then ``--repeats`` alternating rounds of both modes at one image size."""
+    from labeling_common import semantic_agreement, stage_split, synthetic_images
+
+    images, classes = synthetic_images(args.images, side, seed=args.seed)
+    runs = {
+        "per-image": lambda n=None: _label_per_image(cam, irn, images[:n], classes[:n], cam_config, synthesis_config),
+        "batched": lambda n=None: _label_batched(cam, irn, images[:n], classes[:n], cam_config, synthesis_config,
+                                                 args.batch_size),  # fmt: skip
+    }
+    warm_up = {"per-image": 1, "batched": min(args.batch_size, args.images)}
+    for mode in MODES:
+        measure_mode(mode, lambda: runs[mode](warm_up[mode]), args.device)
+    rounds = {mode: [] for mode in MODES}
+    for _ in range(args.repeats):
+        for mode in MODES:
+            if rounds[mode]:
+                rounds[mode][-1].pop("results")  # only the last round's labels are compared
+            rounds[mode].append(measure_mode(mode, runs[mode], args.device))
+            print(f"  {side} px {mode}: {args.images / rounds[mode][-1]['wall']:.3f} images/s", flush=True)
+    row = {"size": side, "images": args.images}
+    for mode in MODES:
+        wall = sum(r["wall"] for r in rounds[mode])
+        reported, probed = {}, {}
+        for r in rounds[mode]:
+            for target, source in ((reported, r["reported"]), (probed, r["probed"])):
+                for key, value in source.items():
+                    target[key] = target.get(key, 0.0) + value
+        rates = [args.images / r["wall"] for r in rounds[mode]]
+        row[mode] = {"images_per_second": statistics.median(rates), "rounds_images_per_second": rates,
+                     "wall_seconds": wall, **stage_split(wall, reported, probed)}  # fmt: skip
+    row["ratio"] = row["batched"]["images_per_second"] / row["per-image"]["images_per_second"]
+    # Each round's batched rate over the per-image rate just before it: adjacent in time, so
+    # less exposed to a shared machine's swings than the ratio of the medians.
+    row["paired_ratios"] = [b / p for p, b in zip(row["per-image"]["rounds_images_per_second"],
+                                                  row["batched"]["rounds_images_per_second"], strict=True)]  # fmt: skip
+    row["paired_ratio_median"] = statistics.median(row["paired_ratios"])
+    semantic = {mode: [labels.semantic for labels, _ in rounds[mode][-1]["results"]] for mode in MODES}
+    row["agreement"] = semantic_agreement(semantic["per-image"], semantic["batched"])
+    return row
 
 
 def run(args: argparse.Namespace) -> dict:
-    import ray
     import torch
 
     from irnet_ray.config import CamInferenceConfig, SynthesisConfig
-    from irnet_ray.data.sources import synthetic_records
-    from irnet_ray.data.synthetic import SyntheticConfig
-    from irnet_ray.data.storage import StorageOptions
-    from irnet_ray.label import LabelJobConfig, label_images
-    from irnet_ray.label.output import read_commits
+    from labeling_common import seeded_models, trained_models
 
-    side = int(args.image_size)
-    records, vocabulary = synthetic_records(
-        SyntheticConfig(num_images=args.images, image_size=(side, side), num_classes=args.classes)
-    )
-    work = Path(tempfile.mkdtemp(prefix="label_bench_"))
-    cam_uri, irn_uri = (args.cam, args.irn) if args.cam else _seeded_models(work / "models", vocabulary, args.arch)
+    torch.set_num_threads(args.threads)
+    cam, irn = trained_models(args.cam, args.irn) if args.cam else seeded_models(args.arch, seed=args.seed)
+    cam, irn = cam.to(args.device), irn.to(args.device)
+    if args.channels_last:
+        cam, irn = cam.to(memory_format=torch.channels_last), irn.to(memory_format=torch.channels_last)
+    cam_config = CamInferenceConfig(scales=tuple(args.scales), flip=args.flip)
+    synthesis_config = SynthesisConfig(steps=args.walk_steps)
     started = time.perf_counter()
-    # Logical CPUs: every core, and at least the largest pool plus room for the decode and write
-    # tasks (a pool that takes every CPU starves them and the job refuses to start).
-    num_cpus = args.num_cpus or max(os.cpu_count() or 1, math.ceil(max(args.actors) * args.cpus_per_actor + 0.5))
-    ray.init(num_cpus=num_cpus, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False)
-    ray_init_seconds = time.perf_counter() - started
-    base = LabelJobConfig(
-        cam_inference=CamInferenceConfig(scales=tuple(args.scales)),
-        synthesis=SynthesisConfig(steps=args.walk_steps), max_side=args.max_side, batch_size=args.batch_size,
-        decode_batch_size=args.batch_size, cpus_per_actor=args.cpus_per_actor, gpus_per_actor=args.gpus_per_actor,
-        rows_per_file=args.batch_size, evaluate=False,
-    )  # fmt: skip
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows = []
-    try:
-        label_images(records[:2], cam_uri, irn_uri, str(work / "warm-up"), base, overwrite=True)
-        for actors in args.actors:
-            config = dataclasses.replace(base, min_actors=actors, max_actors=actors)
-            output = work / f"out-{actors}"
-            summary = label_images(records, cam_uri, irn_uri, str(output), config, overwrite=True)
-            if summary["labeled"] != args.images:
-                raise RuntimeError(f"{actors} actor(s): labeled {summary['labeled']} of {args.images} ({summary})")
-            commits = sorted((c for c in read_commits(str(output), StorageOptions()) if c["image_ids"]),
-                             key=lambda c: c["time"])  # fmt: skip
-            window = commits[-1]["time"] - commits[0]["time"]
-            after_first = sum(len(c["image_ids"]) for c in commits[1:])
-            rows.append({
-                "actors": actors,
-                "images_per_second": after_first / window if window > 0 else None,
-                "end_to_end_images_per_second": args.images / summary["labeling_seconds"],
-                "labeling_seconds": summary["labeling_seconds"],
-                "commits": len(commits),
-                "ms_per_image": {stage: summary["timings"]["ms_per_image"][stage] for stage in STAGES},
-            })  # fmt: skip
-    finally:
-        ray.shutdown()
-    for row in rows:
-        first, mine = rows[0]["images_per_second"], row["images_per_second"]
-        row["speedup"] = mine / first if first and mine else None
+    for side in args.sizes:
+        rows.append(measure_size(side, cam, irn, args, cam_config, synthesis_config))
     return {
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "load_average_start": load,
+                    "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},  # fmt: skip
-        "ray_init_seconds": ray_init_seconds,
-        "ray_cpus": num_cpus,
+        "seconds": time.perf_counter() - started,
         "rows": rows,
     }
 
 
-def _number(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def table(result: dict) -> str:
-    lines = [
-        "| actors | images/s (steady) | speedup | images/s (end to end) | "
-        + " | ".join(f"{s} ms/img" for s in STAGES) + " |",
-        "|" + "---|" * (4 + len(STAGES)),
-    ]
+    from labeling_common import SHARES
+
+    shares = " | ".join(f"{s} %" for s in SHARES)
+    lines = [f"| size | mode | images/s (median) | rounds (min-max) | batched / per-image | paired ratio (median) | "
+             f"{shares} | agreement % |", "|" + "---|" * (7 + len(SHARES))]  # fmt: skip
     for row in result["rows"]:
-        stages = " | ".join(f"{row['ms_per_image'][s]:.1f}" for s in STAGES)
-        lines.append(f"| {row['actors']} | {_number(row['images_per_second'])} | {_number(row['speedup'])} | "
-                     f"{row['end_to_end_images_per_second']:.2f} | {stages} |")  # fmt: skip
+        for mode in MODES:
+            m = row[mode]
+            split = " | ".join(f"{100 * m['shares'][s]:.1f}" for s in SHARES)
+            ratio = f"{row['ratio']:.2f}" if mode == "batched" else "-"
+            paired = f"{row['paired_ratio_median']:.2f}" if mode == "batched" else "-"
+            spread = f"{min(m['rounds_images_per_second']):.3f}-{max(m['rounds_images_per_second']):.3f}"
+            agreement = f"{100 * row['agreement']:.2f}" if mode == "batched" else "-"
+            lines.append(f"| {row['size']} | {mode} | {m['images_per_second']:.3f} | {spread} | {ratio} | {paired} | "
+                         f"{split} | {agreement} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # A plain `kill` should still run ray.shutdown() (the finally in run()), or the local
-    # cluster's processes outlive this script.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = run(args)
     print(table(result))
     if args.json:
