@@ -50,6 +50,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from labeling_common import cam_scales, positive_ints  # noqa: E402 - after the path set-up
+
 #: Modules the GPU machine does not have; the labeling inference path must not import them.
 FORBIDDEN_IMPORTS = ("ray", "boto3", "botocore", "pycocotools", "pydensecrf")
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
@@ -71,26 +73,6 @@ QUICK = {"arch": "resnet18", "size": 64, "batch_sizes": [2], "batches": 1, "repe
          "threads": 1}  # fmt: skip
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 8,16,32, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1.0,0.5, got {text!r}") from None
-    if 1.0 not in values:
-        raise argparse.ArgumentTypeError(f"the scales must include 1.0 (IRNet's pass), got {text!r}")
-    return values
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
@@ -98,10 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny settings for a CPU check: " + json.dumps(QUICK))
     parser.add_argument("--arch", default="resnet50", help="backbone of the seeded models")
     parser.add_argument("--size", type=int, default=512, help="square image side")
-    parser.add_argument("--batch-sizes", type=_ints, default=[8, 16, 32], help="label_batch sizes, ascending")
+    parser.add_argument("--batch-sizes", type=positive_ints, default=[8, 16, 32], help="label_batch sizes, ascending")
     parser.add_argument("--batches", type=int, default=2, help="batches per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per batch size (median)")
-    parser.add_argument("--scales", type=_floats, default=DEFAULT_SCALES, help="CAM inference scales")
+    parser.add_argument("--scales", type=cam_scales, default=DEFAULT_SCALES, help="CAM inference scales")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="CAMs of flipped images too")
     parser.add_argument("--walk-steps", type=int, default=256, help="random walk steps t")
     parser.add_argument("--per-image-images", type=int, default=8, help="images of the label_image baseline")

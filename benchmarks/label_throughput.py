@@ -54,42 +54,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from labeling_common import cam_scales, positive_ints  # noqa: E402 - after the path set-up
+
 MODES = ("per-image", "batched")
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 256,512, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1.0,0.5, got {text!r}") from None
-    if 1.0 not in values:
-        # The shared backbone pass (IRNet's input) is the scale-1.0 pass of CAM inference.
-        raise argparse.ArgumentTypeError(f"the scales must include 1.0, got {text!r}")
-    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    parser.add_argument("--sizes", type=_ints, default=[256, 512], help="square image sides, one table row each")
+    parser.add_argument("--sizes", type=positive_ints, default=[256, 512], help="square image sides, one table row each")
     parser.add_argument("--images", type=int, default=8, help="images per round (each mode labels all of them)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per label_batch call")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of per-image + batched after the warm-up")
     parser.add_argument("--arch", default="resnet50", help="backbone of the seeded models")
     parser.add_argument("--cam", default=None, help="trained CAM model folder (instead of seeded weights)")
     parser.add_argument("--irn", default=None, help="trained IRNet model folder (with --cam)")
-    parser.add_argument("--scales", type=_floats, default=DEFAULT_SCALES, help="CAM inference scales")
+    parser.add_argument("--scales", type=cam_scales, default=DEFAULT_SCALES, help="CAM inference scales")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="CAMs of flipped images too")
     parser.add_argument("--walk-steps", type=int, default=256, help="random walk steps t")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (both modes)")

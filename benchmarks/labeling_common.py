@@ -16,6 +16,8 @@ while a measurement runs. Where ``label_batch`` reports a stage itself, its own 
 
 from __future__ import annotations
 
+import argparse
+
 import functools
 import time
 from dataclasses import dataclass, field
@@ -160,3 +162,25 @@ def semantic_agreement(first, second) -> float:
     same = sum(int(np.count_nonzero(np.asarray(a) == np.asarray(b))) for a, b in zip(first, second, strict=True))
     total = sum(np.asarray(a).size for a in first)
     return same / total if total else 1.0
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers (``8,16,32``)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,16, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def cam_scales(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated CAM scales, which must include 1.0 (IRNet's shared pass)."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1.0,0.5, got {text!r}") from None
+    if 1.0 not in values:
+        raise argparse.ArgumentTypeError(f"the scales must include 1.0 (IRNet's pass), got {text!r}")
+    return values
