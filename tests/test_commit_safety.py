@@ -180,6 +180,23 @@ def test_a_fresh_lease_is_refused_and_a_stale_one_is_taken_over(tmp_path):
     Lease.acquire(output, StorageOptions(), "run-four", quiet).release()
 
 
+def test_the_lease_of_a_killed_process_on_this_machine_is_taken_over_at_once(tmp_path):
+    output = str(tmp_path / "out")
+    quiet = LeaseConfig(heartbeat_s=300, timeout_s=600)
+    holder = Lease.acquire(output, StorageOptions(), "killed", quiet)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that existed and is gone (reaped), like a SIGKILLed driver's
+    document = json.loads(read_bytes(holder.uri))
+    write_bytes(holder.uri, json.dumps({**document, "pid": dead.pid}).encode())
+    Lease.acquire(output, StorageOptions(), "next", quiet).release()
+    # The same record from another machine (or container) is not judged by pid: it is fresh.
+    other = Lease.acquire(output, StorageOptions(), "other", quiet)
+    document = json.loads(read_bytes(other.uri))
+    write_bytes(other.uri, json.dumps({**document, "pid": dead.pid, "boot_id": "another-machine"}).encode())
+    with pytest.raises(OutputLeased, match="other"):
+        Lease.acquire(output, StorageOptions(), "next", quiet)
+
+
 def test_two_takers_of_a_stale_lease_one_wins(tmp_path):
     output = str(tmp_path / "out")
     quiet = LeaseConfig(heartbeat_s=300, timeout_s=600)

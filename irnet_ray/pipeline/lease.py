@@ -10,9 +10,12 @@ its last heartbeat (``heartbeat_time``, POSIX seconds of the holder's clock).
 
 * **Acquire**: no lease file -> create generation 0 exclusively. A lease file whose holder is
   alive (heartbeat younger than ``timeout_s``) -> refused with :class:`OutputLeased` naming the
-  holder. A stale one (or any, with ``take_over``) -> create the NEXT generation exclusively: of
+  holder. A stale one -> create the NEXT generation exclusively: of
   two takers exactly one creates it, the other is refused naming the winner. The winner then
-  deletes the older generations (their holders are gone or have been told so).
+  deletes the older generations (their holders are gone or have been told so). A lease is stale
+  when its heartbeat is older than ``timeout_s``, when ``take_over`` is asked for, or at once when
+  its holder ran on this very machine (same host name, boot id and pid namespace) and its
+  process no longer exists: a driver killed here is not waited for.
 * **Heartbeat**: a daemon thread rewrites the holder's own generation file every
   ``heartbeat_s`` seconds. Before each renewal it looks for a newer generation; if there is one
   the lease was taken over: the holder stops renewing and :meth:`Lease.check` raises
@@ -135,6 +138,39 @@ def describe(document: dict, now: float | None = None) -> str:
             f"({max(0.0, now - float(document.get('heartbeat_time', 0))):.0f} s ago)")  # fmt: skip
 
 
+def _machine() -> dict:
+    """What tells this machine and pid namespace apart from others that share its host name
+    (containers): the kernel's boot id and the pid namespace's inode (Linux; ``None`` elsewhere)."""
+    identity: dict[str, Any] = {"boot_id": None, "pid_namespace": None}
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            identity["boot_id"] = f.read().strip()
+        identity["pid_namespace"] = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pass
+    return identity
+
+
+def _gone_from_here(holder: dict) -> bool:
+    """Whether ``holder`` ran on this machine, in this pid namespace, and its process is gone.
+    Unknown identities (non-Linux, old records) answer ``False``: the timeout decides then."""
+    here = _machine()
+    if holder.get("host") != socket.gethostname() or here["boot_id"] is None:
+        return False
+    if holder.get("boot_id") != here["boot_id"] or holder.get("pid_namespace") != here["pid_namespace"]:
+        return False
+    pid = int(holder.get("pid") or 0)
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, another user's
+        return False
+    return False
+
+
 def _ray_job_id() -> str | None:
     """The Ray job id of this driver, when Ray is initialised (``ray job submit`` entrypoints)."""
     ray = sys.modules.get("ray")  # never import Ray just for this
@@ -171,7 +207,8 @@ class Lease:
         """Take the lease of ``output`` or raise :class:`OutputLeased` naming the holder."""
         now = time.time()
         document: dict[str, Any] = {
-            "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), "ray_job_id": _ray_job_id(),
+            "run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(), **_machine(),
+            "ray_job_id": _ray_job_id(),
             "command": command if command is not None else " ".join(sys.argv),
             "started": _stamp(now), "started_time": now, "heartbeat": _stamp(now), "heartbeat_time": now,
             "heartbeat_s": float(config.heartbeat_s), "timeout_s": float(config.timeout_s),
@@ -182,7 +219,7 @@ class Lease:
             holder = _read(generations[newest], options)
             if holder is not None:
                 age = now - float(holder.get("heartbeat_time", 0))
-                if age < float(config.timeout_s) and not config.take_over:
+                if age < float(config.timeout_s) and not config.take_over and not _gone_from_here(holder):
                     raise OutputLeased(
                         f"output {output} is being written by {describe(holder, now)}; wait for it to finish, or, "
                         f"if it is dead, rerun after its lease times out ({config.timeout_s:g} s without heartbeat) "
