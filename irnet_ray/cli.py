@@ -208,6 +208,28 @@ def _add_storage_flags(parser) -> None:
     group.add_argument("--summary", default=None, help="also write the job summary as JSON to this local file")
 
 
+def _add_output_flags(parser) -> None:
+    """The flags of a job that writes a committed output folder (label, mine-relations)."""
+    from irnet_ray.pipeline.lease import LeaseConfig
+
+    lease = LeaseConfig()
+    group = parser.add_argument_group("output lease (one writing run per output folder)")
+    group.add_argument("--lease-heartbeat", type=float, default=lease.heartbeat_s,
+                       help="seconds between renewals of this run's lease on OUTPUT")
+    group.add_argument("--lease-timeout", type=float, default=lease.timeout_s,
+                       help="a lease not renewed for this many seconds belongs to a dead run and is taken over")
+    group.add_argument("--take-over-lease", action="store_true",
+                       help="take OUTPUT's lease even from a run that looks alive (only when you know it is dead)")
+    group.add_argument("--allow-local-output-on-cluster", action="store_true",
+                       help="write a local OUTPUT from a multi-node cluster (only if the path is shared, e.g. NFS)")
+
+
+def _lease_config(args):
+    from irnet_ray.pipeline.lease import LeaseConfig
+
+    return LeaseConfig(heartbeat_s=args.lease_heartbeat, timeout_s=args.lease_timeout, take_over=args.take_over_lease)
+
+
 def _add_worker_flags(parser, defaults_workers: int = 1) -> None:
     group = parser.add_argument_group("Ray Train workers")
     group.add_argument("--num-workers", type=int, default=defaults_workers, help="training workers (DDP)")
@@ -418,6 +440,7 @@ def _add_mine_relations_parser(commands) -> None:
     group.add_argument("--batch-size", type=_auto_int, default="auto",
                        help="images per actor call; auto: 16 on a GPU, 4 on a CPU")
     group.add_argument("--rows-per-file", type=int, default=mining.rows_per_file)
+    _add_output_flags(parser)
     _add_storage_flags(parser)
 
     def run(args) -> int:
@@ -444,7 +467,8 @@ def _add_mine_relations_parser(commands) -> None:
             _connect(args)
             summary = mine_relations_job(records, args.cam, args.output, cam_inference=cam_cfg,
                                          relations=relations_cfg, options=mining_options, storage_options=options,
-                                         overwrite=args.overwrite)  # fmt: skip
+                                         overwrite=args.overwrite, lease=_lease_config(args),
+                                         allow_local_output_on_cluster=args.allow_local_output_on_cluster)  # fmt: skip
             return _finish("mine-relations", summary, args, [
                 f"IR labels: {summary['output']}" + (" (already complete)" if summary.get("already_complete") else ""),
                 f"  {summary['mined']} of {summary['images']} images mined into {len(summary['files'])} file(s)",
@@ -552,6 +576,7 @@ def _add_label_parser(commands) -> None:
     group.add_argument("--batch-size", type=_auto_int, default="auto",
                        help="images per actor call (one batched model call); auto: 16 on a GPU, 4 on a CPU")
     group.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="rows per Parquet file")
+    _add_output_flags(parser)
     _add_storage_flags(parser)
 
     def run(args) -> int:
@@ -566,7 +591,9 @@ def _add_label_parser(commands) -> None:
                 synthesis=dataclasses.replace(defaults.synthesis, steps=args.walk_steps),
             )  # fmt: skip
             summary = label_images(args.images, args.cam, args.irn, args.output, config, _storage_options(args),
-                                   overwrite=args.overwrite, ray_address=args.ray_address)  # fmt: skip
+                                   overwrite=args.overwrite, lease=_lease_config(args),
+                                   allow_local_output_on_cluster=args.allow_local_output_on_cluster,
+                                   ray_address=args.ray_address)  # fmt: skip
         except (LabelJobError, *_user_errors()) as error:
             return _fail("label", error)
         except LabelJobFailed as error:  # not a user mistake: status 1, committed work is kept

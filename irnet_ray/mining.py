@@ -34,7 +34,7 @@ from irnet_ray.model_files import CamModelRef, assert_no_secrets, check_cam_mode
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.attempts import DEFAULT_MAX_CRASHES, guarded
 from irnet_ray.pipeline.resources import plan_pool
-from irnet_ray.pipeline.run import CpuStage, PipelineSpec, finish_output, open_output, run_pipeline
+from irnet_ray.pipeline.run import CpuStage, LeaseConfig, PipelineSpec, finish_output, open_output, run_pipeline
 from irnet_ray.pipeline.stages import ERROR_COLUMNS, ModelActor, error_fields, text_of
 
 __all__ = ["MiningOptions", "mine_relations_job", "CamActor", "crf_stage", "MANIFEST"]
@@ -167,6 +167,8 @@ def mine_relations_job(
     options: MiningOptions = MiningOptions(),
     storage_options: StorageOptions = StorageOptions(),
     overwrite: bool = False,
+    lease: LeaseConfig = LeaseConfig(),
+    allow_local_output_on_cluster: bool = False,
     ray_address: str | None = None,
     debug: dict | None = None,
 ) -> dict:
@@ -174,7 +176,9 @@ def mine_relations_job(
 
     Returns a summary (``output``, ``images``, ``mined``, ``errors`` (``[{image_id, error}]`` with
     ``error`` = ``"<reason>: <message>"``), ``files``, ``seconds``, ``already_complete``).
-    User mistakes raise before any work starts (``ValueError`` subclasses).
+    User mistakes raise before any work starts (``ValueError`` subclasses), among them a second
+    run on an output that a running job holds (``lease``, see :mod:`irnet_ray.pipeline.lease`)
+    and a local output on a multi-node cluster (unless ``allow_local_output_on_cluster``).
     """
     started = time.perf_counter()
     records = list(records)
@@ -190,51 +194,52 @@ def mine_relations_job(
            "settings_id": settings_id(settings), "settings_name": "mining", "vocabulary": list(cam.vocabulary),
            "irnet_ray_version": __version__}  # fmt: skip
     run_id = uuid.uuid4().hex[:12]
-    state, committer = open_output(output, job, storage_options, overwrite, run_id)
-    pending, input_errors, skipped = cl.plan_records(records, committer.committed, len(cam.vocabulary), run_id)
-    if input_errors:
-        committer.commit({"file": None, "image_ids": [], "errors": input_errors})
-    already_complete = state.previous_manifest is not None and not pending and not input_errors
-    plan = None
-    if pending:
-        from irnet_ray.train.ray_train import ensure_ray
+    with open_output(output, job, storage_options, overwrite, run_id, lease=lease,
+                     allow_local_output_on_cluster=allow_local_output_on_cluster) as (state, committer):
+        pending, input_errors, skipped = cl.plan_records(records, committer.committed, len(cam.vocabulary), run_id)
+        if input_errors:
+            committer.commit({"file": None, "image_ids": [], "errors": input_errors})
+        already_complete = state.previous_manifest is not None and not pending and not input_errors
+        plan = None
+        if pending:
+            from irnet_ray.train.ray_train import ensure_ray
 
-        ensure_ray(address=ray_address)
-        gpus = None if options.use_gpu is None else (float(options.gpus_per_actor) if options.use_gpu else 0.0)
-        if gpus is None:
-            from irnet_ray.pipeline.resources import cluster_gpus
+            ensure_ray(address=ray_address)
+            gpus = None if options.use_gpu is None else (float(options.gpus_per_actor) if options.use_gpu else 0.0)
+            if gpus is None:
+                from irnet_ray.pipeline.resources import cluster_gpus
 
-            gpus = float(options.gpus_per_actor) if cluster_gpus() > 0 else 0.0
-        plan = plan_pool(min_actors=options.min_actors, max_actors=options.max_actors, gpus_per_actor=gpus,
-                         cpus_per_actor=options.cpus_per_actor, batch_size=options.batch_size,
-                         cpu_tasks={"decode": options.decode_cpus, "crf": options.crf_cpus,
-                                    "write": options.write_cpus})  # fmt: skip
-        spec = PipelineSpec(
-            decode_batch_size=options.decode_batch_size,
-            decode_kwargs={"options": storage_options, "max_side": options.max_side, "min_side": int(options.min_side),
-                           "max_pixels": int(options.max_pixels), "max_decode_bytes": int(options.max_decode_bytes)},
-            actor=CamActor,
-            actor_kwargs={"cam": cam, "options": storage_options, "cam_config": config_to_dict(cam_inference)},
-            cpu_stage=CpuStage(crf_stage, {"relations": config_to_dict(relations)}, float(options.crf_cpus),
-                               plan.batch_size),
-            write_kwargs={"output": output, "options": storage_options, "data_schema": IR_LABEL_SCHEMA,
-                          "large_columns": ("ir_labels_png",), "run_id": run_id},
-            rows_per_file=options.rows_per_file,
-        )  # fmt: skip
-        run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes, debug=debug)
-    expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
-    standing = committer.standing
-    errors = [{"image_id": e["image_id"], "error": f"{e['reason']}: {e['message']}"}
-              for c in standing for e in c.get("errors", [])]  # fmt: skip
-    mined = sum(len(c.get("image_ids", [])) for c in standing)
-    if mined == 0 and not committer.retried:
-        from irnet_ray.data.images import summarize_errors
+                gpus = float(options.gpus_per_actor) if cluster_gpus() > 0 else 0.0
+            plan = plan_pool(min_actors=options.min_actors, max_actors=options.max_actors, gpus_per_actor=gpus,
+                             cpus_per_actor=options.cpus_per_actor, batch_size=options.batch_size,
+                             cpu_tasks={"decode": options.decode_cpus, "crf": options.crf_cpus,
+                                        "write": options.write_cpus})  # fmt: skip
+            spec = PipelineSpec(
+                decode_batch_size=options.decode_batch_size,
+                decode_kwargs={"options": storage_options, "max_side": options.max_side, "min_side": int(options.min_side),
+                               "max_pixels": int(options.max_pixels), "max_decode_bytes": int(options.max_decode_bytes)},
+                actor=CamActor,
+                actor_kwargs={"cam": cam, "options": storage_options, "cam_config": config_to_dict(cam_inference)},
+                cpu_stage=CpuStage(crf_stage, {"relations": config_to_dict(relations)}, float(options.crf_cpus),
+                                   plan.batch_size),
+                write_kwargs={"output": output, "options": storage_options, "data_schema": IR_LABEL_SCHEMA,
+                              "large_columns": ("ir_labels_png",), "run_id": run_id},
+                rows_per_file=options.rows_per_file,
+            )  # fmt: skip
+            run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes, debug=debug)
+        expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
+        standing = committer.standing
+        errors = [{"image_id": e["image_id"], "error": f"{e['reason']}: {e['message']}"}
+                  for c in standing for e in c.get("errors", [])]  # fmt: skip
+        mined = sum(len(c.get("image_ids", [])) for c in standing)
+        if mined == 0 and not committer.retried:
+            from irnet_ray.data.images import summarize_errors
 
-        raise ValueError(f"relation mining produced no IR labels: every image failed ({summarize_errors(errors)})")
-    summary = {"output": output, "images": len(records), "mined": mined, "errors": errors,
-               "mined_this_run": committer.processed, "skipped": skipped,
-               "use_gpu": bool(plan and plan.use_gpu), "seconds": time.perf_counter() - started}  # fmt: skip
-    manifest = finish_output(output, committer, expected, storage_options,
-                             {**job, "kind": "ir_labels", "run_id": run_id, "summary": summary})  # fmt: skip
+            raise ValueError(f"relation mining produced no IR labels: every image failed ({summarize_errors(errors)})")
+        summary = {"output": output, "images": len(records), "mined": mined, "errors": errors,
+                   "mined_this_run": committer.processed, "skipped": skipped,
+                   "use_gpu": bool(plan and plan.use_gpu), "seconds": time.perf_counter() - started}  # fmt: skip
+        manifest = finish_output(output, committer, expected, storage_options,
+                                 {**job, "kind": "ir_labels", "run_id": run_id, "summary": summary})  # fmt: skip
     return {**summary, "files": [f["path"] for f in manifest["data_files"]], "already_complete": already_complete}
 

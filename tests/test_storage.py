@@ -243,3 +243,43 @@ def test_s3_anonymous_option(s3_server, s3_bucket, s3_client):
     assert read_bytes(f"s3://{s3_bucket}/public.txt", options) == b"hello"
     with pytest.raises(StorageAccessDenied, match="anonymous access is not allowed"):
         read_bytes(f"s3://{s3_bucket}/private.txt", options)
+
+
+# --------------------------------------------------------------------------------------
+# create_exclusive: the commit log's and the lease's "create only if absent"
+
+
+def test_create_exclusive_local(tmp_path):
+    from irnet_ray.data.storage import create_exclusive
+
+    target = str(tmp_path / "log" / "00000000.json")
+    assert create_exclusive(target, b"first") is True
+    assert create_exclusive(target, b"second") is False
+    assert read_bytes(target) == b"first"
+    assert sorted(os.listdir(tmp_path / "log")) == ["00000000.json"]  # no temporary files left behind
+    assert create_exclusive(f"file://{tmp_path}/log/00000001.json", b"other") is True
+
+
+@pytest.mark.timeout(60)
+def test_create_exclusive_s3_over_http(s3_server, s3_bucket, s3_client):
+    from irnet_ray.data.storage import create_exclusive
+
+    options = StorageOptions(endpoint_url=s3_server)
+    target = f"s3://{s3_bucket}/log/00000000.json"
+    assert create_exclusive(target, b"first", options) is True
+    assert create_exclusive(target, b"second", options) is False
+    assert s3_client.get_object(Bucket=s3_bucket, Key="log/00000000.json")["Body"].read() == b"first"
+    with pytest.raises(StorageNotFound):
+        create_exclusive(f"s3://no-such-bucket-{s3_bucket}/x.json", b"x", options)
+
+
+@pytest.mark.timeout(60)
+def test_create_exclusive_s3_errors_are_storage_errors(s3_server, s3_bucket, s3_denied_credentials):
+    from irnet_ray.data.storage import create_exclusive
+
+    with pytest.raises(StorageAccessDenied) as info:
+        create_exclusive(f"s3://{s3_bucket}/x.json", b"x", StorageOptions(endpoint_url=s3_server))
+    assert s3_denied_credentials not in str(info.value)
+    with pytest.raises(StorageUnreachable):
+        create_exclusive("s3://bucket/x.json", b"x",
+                         StorageOptions(endpoint_url="http://127.0.0.1:9", connect_timeout=0.5, max_attempts=1))

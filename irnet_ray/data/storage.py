@@ -1,8 +1,9 @@
 """Storage URIs -> pyarrow filesystems: local paths, ``file://`` and ``s3://`` (AWS or any
 S3-compatible endpoint such as MinIO, Ceph or moto).
 
-Everything here is plain Python + pyarrow (no Ray, no torch, no boto3), so Ray Data tasks,
-training workers and the command line all see the same behaviour.
+Everything here is plain Python + pyarrow (no Ray, no torch), so Ray Data tasks, training workers
+and the command line all see the same behaviour. boto3 is used for one call pyarrow cannot make:
+the conditional PutObject of :func:`create_exclusive`.
 
 URIs
     * ``/abs/path``, ``rel/path``, ``~/path``: local (returned as absolute paths).
@@ -24,6 +25,7 @@ endpoints fail within a few seconds (short connect timeout, at most ``max_attemp
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
@@ -45,7 +47,10 @@ __all__ = [
     "resolve",
     "read_bytes",
     "write_bytes",
+    "create_exclusive",
     "exists",
+    "file_times",
+    "file_time",
     "delete_file",
     "list_files",
     "join",
@@ -410,6 +415,128 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
             raise
 
 
+def create_exclusive(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> bool:
+    """Create ``uri`` with ``data`` only if nothing is there yet; returns ``False`` (and changes
+    nothing) when it exists. Of two concurrent creators exactly one gets ``True``.
+
+    This is what makes a commit record or a lease safe against a second writer: a plain write
+    would silently replace the other writer's record.
+
+    S3: one PutObject with ``If-None-Match: *`` (AWS S3 since August 2024, and S3-compatible
+    stores that implement it); HTTP 412 means the object exists, 409 that another conditional
+    write of the same key is in progress (the other writer wins). A store that ignores the header
+    would make this a plain write: check yours (the project's tests check moto's).
+    Local: the data goes to a temporary file in the same folder, which is then hard-linked to the
+    target (``link`` fails if the target exists), so readers never see a partial file. On a
+    filesystem without hard links an ``O_CREAT | O_EXCL`` create is used (exclusive, not atomic
+    for readers).
+    """
+    uri = os.fspath(uri)
+    scheme = _check_uri(uri)
+    data = bytes(data)
+    if scheme == "s3":
+        return _s3_create_exclusive(uri, data, options)
+    path = _local_path(uri)
+    folder = os.path.dirname(path)
+    with _translating(uri, options):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+                return _create_with_o_excl(path, data)
+            return True
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+#: errno values of ``link`` on filesystems without hard links (some FUSE, SMB, FAT mounts).
+_NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
+
+
+def _create_with_o_excl(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _boto3_client(options: StorageOptions, bucket: str):
+    """A boto3 S3 client configured like :func:`_s3_filesystem` (endpoint, region, timeouts,
+    attempts, anonymous). A new session per call: boto3's default session is not thread-safe."""
+    import boto3
+    import botocore
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=float(options.connect_timeout),
+        read_timeout=float(options.request_timeout),
+        retries={"max_attempts": int(options.max_attempts), "mode": "standard"},
+        **({"signature_version": botocore.UNSIGNED} if options.anonymous else {}),
+    )
+    endpoint = options.effective_endpoint()
+    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region is None and not endpoint and not options.anonymous:
+        region = _aws_bucket_region(bucket)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+#: S3 error codes of a conditional write that lost: the object exists / another write is under way.
+_EXISTS_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _s3_create_exclusive(uri: str, data: bytes, options: StorageOptions) -> bool:
+    import botocore.exceptions
+
+    bucket, key = _split_s3(uri)
+    if not key or key.endswith("/"):
+        raise ValueError(f"cannot write to {uri!r}: an S3 URI for a file needs a key")
+    try:
+        _boto3_client(options, bucket).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except botocore.exceptions.ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _EXISTS_CODES or status in (409, 412):
+            return False
+        raise _translate(OSError(f"AWS Error {code} during PutObject operation: {error.get('Message', '')} "
+                                 f"[{_boto_status_hint(code, status)}]"), uri, options) from None  # fmt: skip
+    except botocore.exceptions.BotoCoreError as exc:  # no connection, timeouts, no credentials
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            raise StorageAccessDenied(f"access denied to {uri}: no AWS credentials found", uri) from None
+        raise StorageUnreachable(f"cannot reach the object store at {_endpoint_label(options)}: {exc}", uri) from None
+    return True
+
+
+def _boto_status_hint(code: str, status: int | None) -> str:
+    """The pyarrow-style code :func:`_translate` classifies by, from a boto3 error code / status."""
+    if code in ("NoSuchBucket", "NoSuchKey") or status == 404:
+        return "NO_SUCH_BUCKET" if code == "NoSuchBucket" else "HTTP status 404"
+    if status in (401, 403):
+        return f"HTTP status {status}"
+    if status is not None and status >= 500:
+        return "HTTP status 5xx"
+    return f"HTTP status {status}"
+
+
 @functools.lru_cache(maxsize=1)
 def _umask() -> int:
     mask = os.umask(0)
@@ -430,6 +557,36 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     with _translating(uri, options):
         info = fs.get_file_info(path)
     return info.type != pafs.FileType.NotFound
+
+
+def file_times(uri: str, options: StorageOptions = StorageOptions()) -> dict[str, float]:
+    """``{uri: last modified (POSIX seconds)}`` of every file under ``uri`` (recursive), as the
+    store's own clock says (S3: ``LastModified``); a missing folder gives ``{}``.
+
+    Compare these only with other times from the same store (e.g. :func:`file_time` of a file
+    written at the moment of interest), never with this machine's clock.
+    """
+    uri = os.fspath(uri)
+    scheme = _check_uri(uri)
+    fs, path = resolve(uri, options)
+    with _translating(uri, options):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    if scheme == "s3":
+        named = {f"s3://{i.path}": i for i in infos}
+    else:
+        prefix = "file://" if scheme == "file" else ""
+        named = {prefix + i.path: i for i in infos}
+    return {name: i.mtime.timestamp() for name, i in named.items() if i.type == pafs.FileType.File and i.mtime}
+
+
+def file_time(uri: str, options: StorageOptions = StorageOptions()) -> float | None:
+    """Last modification of one file in the store's clock (POSIX seconds); ``None`` if missing."""
+    uri = os.fspath(uri)
+    _check_uri(uri)
+    fs, path = resolve(uri, options)
+    with _translating(uri, options):
+        info = fs.get_file_info(path)
+    return info.mtime.timestamp() if info.type == pafs.FileType.File and info.mtime else None
 
 
 def delete_file(uri: str, options: StorageOptions = StorageOptions()) -> bool:

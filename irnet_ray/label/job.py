@@ -24,6 +24,7 @@ from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import (
+    LeaseConfig,
     PipelineFailed,
     PipelineInterrupted,
     PipelineSpec,
@@ -120,6 +121,8 @@ def label_images(
     storage_options: StorageOptions = StorageOptions(),
     *,
     overwrite: bool = False,
+    lease: LeaseConfig = LeaseConfig(),
+    allow_local_output_on_cluster: bool = False,
     ray_address: str | None = None,
     debug: dict | None = None,
     log: Callable[[str], None] | None = None,
@@ -136,6 +139,11 @@ def label_images(
     :class:`~irnet_ray.model_files.ModelFileError`, ``ValueError``
     (including the image-set errors of :mod:`irnet_ray.data.sources`) or a
     :class:`~irnet_ray.data.storage.StorageError`.
+
+    The run holds the output's lease while it runs (``lease``: heartbeat, timeout, take-over;
+    see :mod:`irnet_ray.pipeline.lease`): a second run on the same output is refused with a
+    ``JobInputError`` naming the first. A local output on a multi-node Ray cluster is refused
+    unless ``allow_local_output_on_cluster`` (the path is shared by every node, e.g. NFS).
 
     ``debug`` (tests only): ``stop_after_commits`` (raise :class:`LabelJobInterrupted` after that
     many commits of this run), ``pause_after_commits`` (sleep there, to be killed from outside;
@@ -159,60 +167,61 @@ def label_images(
     job = {"format": of.FORMAT_NAME, "format_version": of.FORMAT_VERSION, "models": models.record(),
            "settings": settings, "settings_id": config_id, "vocabulary": list(models.vocabulary),
            "irnet_ray_version": __version__}  # fmt: skip
-    state, committer = open_output(output, job, storage_options, overwrite, run_id,
-                                   _commit_summary(vocabulary.num_classes))  # fmt: skip
-    pending, input_errors, skipped = cl.plan_records(records, committer.committed, vocabulary.num_classes, run_id)
-    log(f"labeling {len(pending)} image(s) into {output} ({skipped} already committed, "
-        f"{len(committer.retried)} earlier transient failure(s) retried, "
-        f"{len(input_errors)} refused from the listing)")  # fmt: skip
-    if input_errors:
-        committer.commit({"file": None, "image_ids": [], "errors": input_errors})
+    with open_output(output, job, storage_options, overwrite, run_id, _commit_summary(vocabulary.num_classes),
+                     lease=lease, allow_local_output_on_cluster=allow_local_output_on_cluster) as (state, committer):
+        pending, input_errors, skipped = cl.plan_records(records, committer.committed, vocabulary.num_classes, run_id)
+        log(f"labeling {len(pending)} image(s) into {output} ({skipped} already committed, "
+            f"{len(committer.retried)} earlier transient failure(s) retried, "
+            f"{len(input_errors)} refused from the listing)")  # fmt: skip
+        if input_errors:
+            committer.commit({"file": None, "image_ids": [], "errors": input_errors})
 
-    labeling_started = time.perf_counter()
-    plan = None
-    if pending:
-        from irnet_ray.train.ray_train import ensure_ray
+        labeling_started = time.perf_counter()
+        plan = None
+        if pending:
+            from irnet_ray.train.ray_train import ensure_ray
 
-        ensure_ray(address=ray_address)
-        plan = plan_pool(min_actors=config.min_actors, max_actors=config.max_actors,
-                         gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
-                         batch_size=config.batch_size,
-                         cpu_tasks={"decode": config.decode_cpus, "write": config.write_cpus})  # fmt: skip
-        log(f"{plan.min_actors}..{plan.max_actors} labeling actor(s), {plan.gpus_per_actor:g} GPU and "
-            f"{plan.cpus_per_actor:g} CPU each, {plan.batch_size} image(s) per call")  # fmt: skip
-        spec = PipelineSpec(
-            decode_batch_size=config.decode_batch_size,
-            decode_kwargs={"options": storage_options, "max_side": config.max_side, "min_side": int(config.min_side),
-                           "max_pixels": int(config.max_pixels), "max_decode_bytes": int(config.max_decode_bytes),
-                           "ground_truth": ground_truth if config.evaluate else None},
-            actor=LabelActor,
-            actor_kwargs={"models": models, "options": storage_options, "settings": settings, "run_id": run_id,
-                          "config_id": config_id, "debug": debug},
-            write_kwargs={"output": output, "options": storage_options, "data_schema": of.LABEL_SCHEMA,
-                          "large_columns": LARGE_COLUMNS, "run_id": run_id, "summarize": summarize_rows},
-            rows_per_file=config.rows_per_file,
-        )  # fmt: skip
-        run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, debug=debug, log=log)
-    labeling_seconds = time.perf_counter() - labeling_started
+            ensure_ray(address=ray_address)
+            plan = plan_pool(min_actors=config.min_actors, max_actors=config.max_actors,
+                             gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
+                             batch_size=config.batch_size,
+                             cpu_tasks={"decode": config.decode_cpus, "write": config.write_cpus})  # fmt: skip
+            log(f"{plan.min_actors}..{plan.max_actors} labeling actor(s), {plan.gpus_per_actor:g} GPU and "
+                f"{plan.cpus_per_actor:g} CPU each, {plan.batch_size} image(s) per call")  # fmt: skip
+            spec = PipelineSpec(
+                decode_batch_size=config.decode_batch_size,
+                decode_kwargs={"options": storage_options, "max_side": config.max_side, "min_side": int(config.min_side),
+                               "max_pixels": int(config.max_pixels), "max_decode_bytes": int(config.max_decode_bytes),
+                               "ground_truth": ground_truth if config.evaluate else None},
+                actor=LabelActor,
+                actor_kwargs={"models": models, "options": storage_options, "settings": settings, "run_id": run_id,
+                              "config_id": config_id, "debug": debug},
+                write_kwargs={"output": output, "options": storage_options, "data_schema": of.LABEL_SCHEMA,
+                              "large_columns": LARGE_COLUMNS, "run_id": run_id, "summarize": summarize_rows},
+                rows_per_file=config.rows_per_file,
+            )  # fmt: skip
+            run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, debug=debug, log=log)
+        labeling_seconds = time.perf_counter() - labeling_started
 
-    expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
-    totals = _totals(committer.standing, vocabulary.names)
-    this_run = {
-        "run_id": run_id, "labeled": committer.processed, "errors": committer.errors, "skipped": skipped,
-        "repaired_files": committer.repaired, "seconds": time.perf_counter() - started,
-        "labeling_seconds": labeling_seconds,
-        "images_per_second": (committer.processed / labeling_seconds) if committer.processed and labeling_seconds else None,
-        "min_actors": config.min_actors, "cpus_per_actor": config.cpus_per_actor,
-        "rows_per_file": config.rows_per_file,
-        **({"gpus_per_actor": plan.gpus_per_actor, "max_actors": plan.max_actors, "batch_size": plan.batch_size}
-           if plan else {}),
-    }  # fmt: skip
-    runs = dict((state.previous_manifest or {}).get("runs", {}))
-    for rid, counts in totals.pop("runs").items():
-        runs[rid] = {**runs.get(rid, {}), **counts}
-    runs[run_id] = {**runs.get(run_id, {}), **this_run}
-    manifest = finish_output(output, committer, expected, storage_options,
-                             {**job, "run_id": run_id, "runs": runs, **totals})  # fmt: skip
+        expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
+        totals = _totals(committer.standing, vocabulary.names)
+        this_run = {
+            "run_id": run_id, "labeled": committer.processed, "errors": committer.errors, "skipped": skipped,
+            "repaired_files": committer.repaired, "seconds": time.perf_counter() - started,
+            "labeling_seconds": labeling_seconds,
+            "images_per_second": (committer.processed / labeling_seconds)
+            if committer.processed and labeling_seconds else None,
+            "min_actors": config.min_actors, "cpus_per_actor": config.cpus_per_actor,
+            "rows_per_file": config.rows_per_file,
+            **({"gpus_per_actor": plan.gpus_per_actor, "max_actors": plan.max_actors, "batch_size": plan.batch_size}
+               if plan else {}),
+        }  # fmt: skip
+        runs = dict((state.previous_manifest or {}).get("runs", {}))
+        for rid, counts in totals.pop("runs").items():
+            runs[rid] = {**runs.get(rid, {}), **counts}
+        runs[run_id] = {**runs.get(run_id, {}), **this_run}
+        manifest = finish_output(output, committer, expected, storage_options,
+                                 {**job, "run_id": run_id, "runs": runs, **totals})  # fmt: skip
     summary = {
         "output": output, "run_id": run_id, "images": len(records), "labeled": committer.processed,
         "errors": committer.errors, "skipped": skipped, "retried": len(committer.retried),

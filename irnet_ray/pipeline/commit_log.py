@@ -10,23 +10,32 @@ Layout of an output folder (local path or ``s3://`` prefix)::
     errors/errors-*.parquet  per-image failures (ERROR_SCHEMA), written when the run finishes
     _commits/NNNNNNNN.json   one record per committed data file (its image ids, its errors,
                          its score record and stage timings); written by the driver only
+    _lease/NNNNNNNN.json the running writer's lease (:mod:`.lease`); absent when no run writes
     _manifest.json       written last: the files, counts, settings, models, metrics, timings
 
 Protocol (the driver is the only committer; every write is atomic, see ``storage.write_bytes``):
 
+0. A run first takes the output's lease (:mod:`.lease`): one writing run at a time, a second
+   one is refused naming the first; the lease is released when the run ends.
 1. A data file is written under a name made from the image ids it holds, then the driver
-   writes the next commit record naming it. A file no commit record names is an orphan (a
-   task retried or a job stopped between the two writes) and is deleted.
+   creates the next commit record naming it. Commit records are created only if absent
+   (:func:`~irnet_ray.data.storage.create_exclusive`): a committer that finds its sequence
+   number taken stops (:class:`CommitConflict`), it never replaces another writer's record.
 2. The set of committed keys (image id, occurrence) only grows; the driver refuses to commit a
-   key twice, rewriting a data file without rows that are already committed (:func:`drop_rows`).
-3. ``_manifest.json`` is written when every input row is committed. Readers trust only the
-   files it lists; a folder without it is unfinished, whatever else it holds.
-4. A rerun reads the commit records, skips committed images and processes the rest; a rerun
+   key twice. A re-delivered file that IS a committed file (same name: same ids) is a duplicate
+   and is left alone; a file with committed rows and new ones is rewritten, under another name,
+   without the committed rows (:func:`drop_rows`). A file a commit names is never deleted or
+   replaced by the driver (until ``overwrite`` clears the whole folder).
+3. A file no commit record names is an orphan (a task retried or a job stopped between the two
+   writes). Orphans are deleted when the run finishes, but only those this run delivered or
+   that are older than the run's lease (:func:`delete_orphans`): never another writer's
+   in-flight file.
+4. ``_manifest.json`` is written when every input row is committed and every file it lists
+   exists. Readers trust only the files it lists; a folder without it is unfinished, whatever
+   else it holds.
+5. A rerun reads the commit records, skips committed images and processes the rest; a rerun
    with other models or settings is refused unless it starts over (``overwrite``), which
    deletes ``_manifest.json`` first, so the folder is visibly unfinished while it is cleared.
-
-One job writes to an output folder at a time (object stores offer no lock to enforce it): two
-jobs on one folder at once could each delete the other's uncommitted files.
 """
 
 from __future__ import annotations
@@ -46,8 +55,10 @@ from irnet_ray.data.parquet_files import content_name, read_table, write_table
 from irnet_ray.data.storage import (
     StorageNotFound,
     StorageOptions,
+    create_exclusive,
     delete_file,
     exists,
+    file_times,
     join,
     list_files,
     read_bytes,
@@ -61,6 +72,7 @@ __all__ = [
     "DATA",
     "ERRORS",
     "JobInputError",
+    "CommitConflict",
     "Committer",
     "plan_records",
     "OutputState",
@@ -86,10 +98,16 @@ DATA = "data"
 ERRORS = "errors"
 _COMMIT_NAME = re.compile(r"^(\d{8})\.json$")
 _READ_THREADS = 16
+#: Folders of the output that are not the job's own record (the lease, see :mod:`.lease`).
+_NOT_OUTPUT = ("_lease/",)
 
 
 class JobInputError(ValueError):
     """The job cannot run or finish as asked (the message says why and what to do)."""
+
+
+class CommitConflict(JobInputError):
+    """A commit record this run was about to create exists: another run writes the same output."""
 
 
 @dataclass
@@ -150,7 +168,9 @@ def prepare_output(output: str, job: dict, options: StorageOptions, overwrite: b
             manifest = read_manifest(output, options)
             return OutputState(job=old, commits=read_commits(output, options), previous_manifest=manifest)
     elif exists(output, options):
-        files = list_files(output, options)
+        prefix = join(output, "")
+        files = [f for f in list_files(output, options)
+                 if not f[len(prefix):].lstrip("/").startswith(_NOT_OUTPUT)]  # fmt: skip
         if files:
             raise JobInputError(
                 f"output folder {output} is not empty and holds no {job['format']} output ({len(files)} file(s), e.g. "
@@ -198,7 +218,18 @@ def read_commits(output: str, options: StorageOptions) -> list[dict]:
 
 
 def write_commit(output: str, record: dict, options: StorageOptions) -> None:
-    write_bytes(join(output, COMMITS, f"{int(record['sequence']):08d}.json"), _dump(record), options)
+    """Create the commit record; raises :class:`CommitConflict` if its number is taken."""
+    uri = join(output, COMMITS, f"{int(record['sequence']):08d}.json")
+    if not create_exclusive(uri, _dump(record), options):
+        try:
+            other = _json(uri, options).get("run_id")
+        except StorageNotFound:  # cleared by an --overwrite in the meantime
+            other = "unknown"
+        raise CommitConflict(
+            f"commit {int(record['sequence']):08d} of {output} was already written by another run ({other}) while "
+            f"run {record.get('run_id')} was writing: two runs are writing this output; this run stops, and "
+            "what is committed stays (rerun once the other run has finished)"
+        )
 
 
 def commit_keys(record: dict) -> set[tuple[str, int]]:
@@ -239,10 +270,15 @@ def committed_files(commits: Iterable[dict]) -> list[dict]:
     return [c["file"] for c in commits if c.get("file")]
 
 
-def drop_rows(output: str, path: str, drop: set[str], options: StorageOptions) -> dict | None:
+def drop_rows(output: str, path: str, drop: set[str], options: StorageOptions,
+              protected: Iterable[str] = ()) -> dict | None:  # fmt: skip
     """Rewrite data file ``path`` without the rows of image ids in ``drop`` (and without a
     repeated id's later rows); returns the new file's ``{path, rows, bytes}`` (``None`` when no
-    row is left). The old file is deleted; it was never committed."""
+    row is left). The old file is deleted (it was never committed). ``protected``: the committed
+    files' paths, which are neither deleted nor written here, whatever the names come out as."""
+    protected = set(protected)
+    if path in protected:
+        raise ValueError(f"{path} is committed: it is never rewritten")
     table = read_table(join(output, path), options)
     ids = table.column("image_id").to_pylist()
     seen: set[str] = set()
@@ -255,7 +291,10 @@ def drop_rows(output: str, path: str, drop: set[str], options: StorageOptions) -
     if table.num_rows == 0:
         return None
     kept = table.column("image_id").to_pylist()
-    written = write_table(join(output, DATA), content_name("part", kept), table, options)
+    name = content_name("part", kept)
+    if f"{DATA}/{name}" in protected:  # only if the kept ids were committed, which the caller excludes
+        raise ValueError(f"{DATA}/{name} is committed: it is never rewritten")
+    written = write_table(join(output, DATA), name, table, options)
     return {"path": f"{DATA}/{written['uri'].rsplit('/', 1)[-1]}", "rows": written["rows"], "bytes": written["bytes"]}
 
 
@@ -267,15 +306,24 @@ def write_errors_table(output: str, commits: list[dict], options: StorageOptions
     return {"path": f"{ERRORS}/{name}", "rows": written["rows"], "bytes": written["bytes"]}
 
 
-def delete_orphans(output: str, keep: Iterable[str], options: StorageOptions) -> list[str]:
+def delete_orphans(output: str, keep: Iterable[str], options: StorageOptions, started: float | None = None,
+                   written: Iterable[str] = ()) -> list[str]:  # fmt: skip
     """Delete the files under ``data/`` and ``errors/`` that are not in ``keep`` (relative
-    paths); returns the deleted relative paths."""
-    keep = set(keep)
+    paths) and were either ``written`` by this run or last modified before ``started`` (the
+    run's start in the store's clock; ``None``: any age). A file another writer wrote during
+    this run is left alone: it is not this run's to judge. Returns the deleted relative paths."""
+    keep, written = set(keep), set(written)
     deleted = []
     for folder in (DATA, ERRORS):
-        for uri in _listing(join(output, folder), options):
+        try:
+            times = file_times(join(output, folder), options)
+        except StorageNotFound:
+            times = {}
+        for uri, modified in sorted(times.items()):
             relative = f"{folder}/{uri.rsplit('/', 1)[-1]}"
-            if relative not in keep:
+            if relative in keep:
+                continue
+            if relative in written or started is None or modified < started:
                 delete_file(uri, options)
                 deleted.append(relative)
     return deleted
@@ -335,15 +383,29 @@ Summarize = Callable[[dict, list], dict]
 
 
 class Committer:
-    """The driver's commit log: refuses to commit a key twice, repairs files that would."""
+    """The driver's commit log: refuses to commit a key twice, repairs files that would, never
+    touches a committed file.
+
+    ``lease`` (:class:`~irnet_ray.pipeline.lease.Lease`): checked before every commit, so a run
+    whose lease was taken over stops. ``started``: the run's start in the store's clock (default:
+    the lease's creation, else now); with :attr:`delivered` it decides which orphans are this
+    run's to delete (:func:`delete_orphans`).
+    """
 
     def __init__(self, output: str, state: OutputState, options: StorageOptions, run_id: str,
-                 summarize: Summarize | None = None) -> None:  # fmt: skip
-        self.output, self.options, self.run_id = output, options, run_id
+                 summarize: Summarize | None = None, *, lease=None, started: float | None = None) -> None:  # fmt: skip
+        self.output, self.options, self.run_id, self.lease = output, options, run_id, lease
+        self.started = started if started is not None else (lease.created if lease is not None else time.time())
         self.summarize = summarize or (lambda meta, ids: {})
         self.commits = list(state.commits)
         self.sequence = state.next_sequence
-        self.processed = self.errors = self.repaired = 0
+        self.processed = self.errors = self.repaired = self.duplicates = 0
+        #: Paths of every data file delivered to this committer (committed, repaired or not).
+        self.delivered: set[str] = set()
+        #: Paths of the committed data files: never deleted or rewritten.
+        self.committed_paths = {f["path"] for f in committed_files(self.commits)}
+        #: Whether a local output may be written from several nodes (set by ``pipeline.run.open_output``).
+        self.allow_local_output_on_cluster = False
         # Transient failures of earlier runs are tried again: withdrawn first (a commit of its
         # own), so a rerun stopped half-way still knows they are not done.
         self.retried = transient_errors(self.commits)
@@ -354,11 +416,15 @@ class Committer:
             self.committed |= commit_keys(commit)
 
     def _write(self, fields: dict) -> dict:
+        if self.lease is not None:
+            self.lease.check()
         record = {"sequence": self.sequence, "run_id": self.run_id,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "time": time.time(), **fields}  # fmt: skip
         write_commit(self.output, record, self.options)
         self.sequence += 1
         self.commits.append(record)
+        if record.get("file"):
+            self.committed_paths.add(record["file"]["path"])
         return record
 
     @property
@@ -368,11 +434,20 @@ class Committer:
 
     def commit(self, meta: dict) -> dict:
         file, ids = meta.get("file"), [str(i) for i in meta.get("image_ids", [])]
+        if file:
+            self.delivered.add(file["path"])
+        if file and file["path"] in self.committed_paths:
+            # A retried writer task delivered a committed file again (file names are hashes of
+            # the ids they hold: same name, same ids). Nothing new: the file stays as committed.
+            file, ids = None, []
+            self.duplicates += 1
         counts = collections.Counter(ids)
         again = {i for i in ids if (i, 0) in self.committed or counts[i] > 1}
         if again and file:
-            # A retried task delivered rows that are committed already: drop them from the file.
-            file = drop_rows(self.output, file["path"], {i for i in again if (i, 0) in self.committed}, self.options)
+            # A retried task delivered rows that are committed already with new ones: the file is
+            # rewritten (under the name of the new ids, never a committed one) without them.
+            file = drop_rows(self.output, file["path"], {i for i in again if (i, 0) in self.committed}, self.options,
+                             protected=self.committed_paths)  # fmt: skip
             self.repaired += 1
             ids = [i for i in dict.fromkeys(ids) if (i, 0) not in self.committed]
             if file is None:

@@ -11,26 +11,33 @@ model actor class, an optional CPU stage, its data schema and what its commit re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 import time
 import warnings
-from typing import Any, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Sequence
 
 import ray
 
 from irnet_ray.data.sources import ImageRecord
-from irnet_ray.data.storage import StorageOptions
+from irnet_ray.data.storage import StorageOptions, exists, is_s3, join
 
 from . import commit_log as cl
 from .attempts import DEFAULT_MAX_CRASHES, AttemptLedger, retry_options
+from .lease import Lease, LeaseConfig
 from .resources import PoolPlan
 from .stages import decode_images, write_file
 
-__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "PipelineSpec", "decode_memory", "open_output", "run_pipeline", "finish_output"]
+__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "PipelineSpec", "LeaseConfig", "decode_memory",
+           "open_output", "check_local_output", "run_pipeline", "finish_output"]  # fmt: skip
 
 #: Input blocks at most (each block is one decode task's worth of records).
 MAX_INPUT_BLOCKS = 2000
+#: Parallel existence checks of the committed files before the manifest is written.
+_CHECK_THREADS = 16
 
 
 class PipelineFailed(RuntimeError):
@@ -59,10 +66,44 @@ def decode_memory(decode_kwargs: dict, decode_batch_size: int) -> int:
     return int(decode_kwargs["max_decode_bytes"]) + int(decode_batch_size) * per_image
 
 
+def check_local_output(output: str, allow: bool = False) -> None:
+    """Refuse a local output on a Ray cluster of more than one alive node: the writer tasks run
+    on every node and would each write to their own node's disk, while the driver's manifest
+    would list files that exist nowhere together. ``allow``: the path is a shared mount (NFS).
+    Does nothing when Ray is not initialised (nothing but the driver writes then)."""
+    if allow or is_s3(output) or not ray.is_initialized():
+        return
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if alive > 1:
+        raise cl.JobInputError(
+            f"output {output} is a local path but the Ray cluster has {alive} nodes: each node would write to its "
+            "own disk; write to s3:// (or another shared store), or, if the path is a filesystem shared by every "
+            "node (NFS), pass --allow-local-output-on-cluster"
+        )
+
+
+@contextlib.contextmanager
 def open_output(output: str, job: dict, options: StorageOptions, overwrite: bool, run_id: str,
-                summarize: cl.Summarize | None = None) -> tuple[cl.OutputState, cl.Committer]:  # fmt: skip
-    state = cl.prepare_output(output, job, options, overwrite)
-    return state, cl.Committer(output, state, options, run_id, summarize)
+                summarize: cl.Summarize | None = None, *, lease: LeaseConfig = LeaseConfig(),
+                allow_local_output_on_cluster: bool = False,
+                ) -> Iterator[tuple[cl.OutputState, cl.Committer]]:  # fmt: skip
+    """``with open_output(...) as (state, committer):`` the run's hold on ``output``.
+
+    Takes the output's lease first (a second writer is refused, naming the first; see
+    :mod:`.lease`), then checks the folder against the job and reads its commit log. The lease is
+    released when the block ends, by success or exception (a killed process leaves it to time
+    out). A local output on a multi-node cluster is refused (:func:`check_local_output`; checked
+    again in :func:`run_pipeline` when Ray starts later).
+    """
+    check_local_output(output, allow_local_output_on_cluster)
+    held = Lease.acquire(output, options, run_id, lease, command=" ".join(sys.argv))
+    try:
+        state = cl.prepare_output(output, job, options, overwrite)
+        committer = cl.Committer(output, state, options, run_id, summarize, lease=held)
+        committer.allow_local_output_on_cluster = allow_local_output_on_cluster
+        yield state, committer
+    finally:
+        held.release()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +134,7 @@ def run_pipeline(
     a ``crashed_worker`` error row (:mod:`.attempts`). ``debug`` (tests): ``stop_after_commits``,
     ``pause_after_commits``."""
     debug = dict(debug or {})
+    check_local_output(committer.output, committer.allow_local_output_on_cluster)
     ledger = AttemptLedger.remote()
     try:
         ds = _dataset(pending, spec, plan, {"ledger": ledger, "max_crashes": int(max_crashes)})
@@ -168,8 +210,9 @@ def _commit_stream(ds, committer: cl.Committer, stop_after, pause_after, log) ->
 
 def finish_output(output: str, committer: cl.Committer, expected: set, options: StorageOptions,
                   manifest: dict[str, Any]) -> dict:  # fmt: skip
-    """Check that every expected key is committed, then write the errors table and the manifest
-    (``manifest`` plus the files and counts) and delete files no commit names."""
+    """Check that every expected key is committed and every committed file exists, then write the
+    errors table and the manifest (``manifest`` plus the files and counts) and delete this run's
+    orphans (:func:`~irnet_ray.pipeline.commit_log.delete_orphans`)."""
     lost = sorted(expected - committer.committed)
     if lost:
         raise PipelineFailed(
@@ -179,10 +222,28 @@ def finish_output(output: str, committer: cl.Committer, expected: set, options: 
     standing = committer.standing
     errors_file = cl.write_errors_table(output, standing, options)
     data_files = cl.committed_files(standing)
+    _check_files_exist(output, [f["path"] for f in data_files] + [errors_file["path"]], options)
+    if committer.lease is not None:
+        committer.lease.check()  # a run that lost its lease writes no manifest
     rows = sum(len(c.get("image_ids", [])) for c in standing)
     errors = sum(len(c.get("errors", [])) for c in standing)
     manifest = {**manifest, "complete": True, "images": rows + errors, "rows": rows, "errors": errors,
                 "data_files": data_files, "errors_file": errors_file, "commits": len(committer.commits)}  # fmt: skip
     cl.write_manifest(output, manifest, options)
-    cl.delete_orphans(output, [f["path"] for f in data_files] + [errors_file["path"]], options)
+    cl.delete_orphans(output, [f["path"] for f in data_files] + [errors_file["path"]], options,
+                      started=committer.started, written=committer.delivered | {errors_file["path"]})  # fmt: skip
     return manifest
+
+
+def _check_files_exist(output: str, paths: list[str], options: StorageOptions) -> None:
+    """Raise :class:`PipelineFailed` naming the first missing file (no manifest may list it)."""
+    if not paths:
+        return
+    with ThreadPoolExecutor(max_workers=min(_CHECK_THREADS, len(paths))) as pool:
+        found = list(pool.map(lambda path: exists(join(output, path), options), paths))
+    missing = [path for path, there in zip(paths, found) if not there]
+    if missing:
+        raise PipelineFailed(
+            f"{len(missing)} committed file(s) of {output} are missing (e.g. {missing[0]}); no manifest was written. "
+            "Something deleted them while the job ran: run the job with --overwrite (overwrite=True) to start over"
+        )
