@@ -316,12 +316,14 @@ def _error_lines(errors: list[dict]) -> list[str]:
 
 
 def _run_job(command: str, args, job) -> int:
-    """Run ``job()``; user mistakes become one line and status 2, failed training status 1."""
+    """Run ``job()``; user mistakes become one line and status 2, a failed run (training, or a
+    pipeline that failed or had too many errors) status 1."""
+    from irnet_ray.pipeline.run import PipelineFailed
     from irnet_ray.train.ray_train import TrainingJobError
 
     try:
         return job()
-    except TrainingJobError as error:
+    except (TrainingJobError, PipelineFailed) as error:  # not a user mistake: status 1, committed work is kept
         print(f"irnet-ray {command}: {error}", file=sys.stderr)
         return 1
     except _user_errors() as error:
@@ -428,6 +430,8 @@ def _add_mine_relations_parser(commands) -> None:
     parser.add_argument("--fg-threshold", type=float, default=relations.fg_threshold)
     parser.add_argument("--bg-threshold", type=float, default=relations.bg_threshold)
     parser.add_argument("--crf-iterations", type=int, default=relations.crf_iterations)
+    parser.add_argument("--max-error-rate", type=float, default=mining.max_error_rate,
+                        help="share of the images that may fail; above it the run ends with an error and no manifest")
     parser.add_argument("--max-side", type=int, default=mining.max_side,
                         help="mine on images downscaled to this long side (labels are stored at full size)")
     group = parser.add_argument_group("Ray Data resources")
@@ -460,7 +464,8 @@ def _add_mine_relations_parser(commands) -> None:
             mining_options = dataclasses.replace(
                 mining, max_side=args.max_side, min_actors=args.min_actors, max_actors=args.max_actors,
                 gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, crf_cpus=args.crf_cpus,
-                batch_size=args.batch_size, rows_per_file=args.rows_per_file)  # fmt: skip
+                batch_size=args.batch_size, rows_per_file=args.rows_per_file,
+                max_error_rate=args.max_error_rate)  # fmt: skip
             relations_cfg = dataclasses.replace(relations, fg_threshold=args.fg_threshold,
                                                 bg_threshold=args.bg_threshold, crf_iterations=args.crf_iterations)
             cam_cfg = dataclasses.replace(cam, scales=_numbers("--scales", args.scales, float))
@@ -565,6 +570,8 @@ def _add_label_parser(commands) -> None:
                         help="CAM inference scales (must include 1.0)")
     parser.add_argument("--walk-steps", type=int, default=defaults.synthesis.steps, help="random walk iterations t")
     parser.add_argument("--no-eval", action="store_true", help="do not score the labels against ground truth")
+    parser.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
+                        help="share of the images that may fail; above it the run ends with status 1 and no manifest")
     group = parser.add_argument_group("Ray Data resources")
     group.add_argument("--min-actors", type=int, default=defaults.min_actors, help="labeling actors kept at least")
     group.add_argument("--max-actors", type=_auto_int, default="auto",
@@ -587,6 +594,7 @@ def _add_label_parser(commands) -> None:
                 defaults, max_side=args.max_side or None, min_actors=args.min_actors, max_actors=args.max_actors,
                 gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, decode_cpus=args.decode_cpus,
                 batch_size=args.batch_size, rows_per_file=args.rows_per_file, evaluate=not args.no_eval,
+                max_error_rate=args.max_error_rate,
                 cam_inference=dataclasses.replace(defaults.cam_inference, scales=_numbers("--scales", args.scales, float)),
                 synthesis=dataclasses.replace(defaults.synthesis, steps=args.walk_steps),
             )  # fmt: skip

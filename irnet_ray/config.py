@@ -22,6 +22,9 @@ DEFAULT_MAX_DECODE_BYTES = 1 << 30
 #: Times an image may end its worker process (native crash, out-of-memory kill) while processed
 #: alone before it is recorded as ``crashed_worker`` (irnet_ray.pipeline.attempts).
 DEFAULT_MAX_CRASHES = 2
+#: Share of an output's images that may fail before a run ends with an error instead of a
+#: manifest (wrong credentials or a wrong image root make every image fail).
+DEFAULT_MAX_ERROR_RATE = 0.5
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

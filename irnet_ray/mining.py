@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from irnet_ray import __version__
-from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES, CamInferenceConfig, RelationConfig, config_to_dict, settings_id
+from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_ERROR_RATE, CamInferenceConfig, RelationConfig, config_to_dict, settings_id
 from irnet_ray.data.decode import encode_png
 from irnet_ray.data.images import class_ids, row_image
 from irnet_ray.data.output_format import resize_nearest
@@ -68,6 +68,7 @@ class MiningOptions:
     decode_batch_size: int = 4
     rows_per_file: int = 256
     use_gpu: bool | None = None
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # more failing images: no manifest, an error
     max_crashes: int = DEFAULT_MAX_CRASHES  # an image that ends its worker this often becomes crashed_worker
 
     def __post_init__(self) -> None:
@@ -240,6 +241,7 @@ def mine_relations_job(
                    "mined_this_run": committer.processed, "skipped": skipped,
                    "use_gpu": bool(plan and plan.use_gpu), "seconds": time.perf_counter() - started}  # fmt: skip
         manifest = finish_output(output, committer, expected, storage_options,
-                                 {**job, "kind": "ir_labels", "run_id": run_id, "summary": summary})  # fmt: skip
+                                 {**job, "kind": "ir_labels", "run_id": run_id, "summary": summary},
+                                 max_error_rate=options.max_error_rate)  # fmt: skip
     return {**summary, "files": [f["path"] for f in manifest["data_files"]], "already_complete": already_complete}
 

@@ -39,7 +39,7 @@ from irnet_ray.data.sources import EmptyImageSetError, ImageRecord, builtin_spec
 from irnet_ray.data.storage import StorageOptions, StorageUnreachable, write_bytes
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
-from irnet_ray.label import LabelJobConfig, LabelJobError, label_images
+from irnet_ray.label import LabelJobConfig, LabelJobError, LabelJobFailed, label_images
 from irnet_ray.pipeline import commit_log as out
 from irnet_ray.label.job import LabelJobInterrupted
 from irnet_ray.model_files import ModelFileError
@@ -540,3 +540,17 @@ def test_cli_labels_and_reports_user_mistakes_in_one_line(ray_cluster, models, t
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert "Traceback" not in err
+
+
+@pytest.mark.timeout(300)
+def test_a_run_where_most_images_fail_ends_without_a_manifest(ray_cluster, models, synthetic, tmp_path):
+    cam_uri, irn_uri, _ = models
+    records = list(synthetic[0][:2]) + [ImageRecord(f"gone{i}", str(tmp_path / f"gone{i}.png"), (1,)) for i in range(3)]
+    output = tmp_path / "out"
+    with pytest.raises(LabelJobFailed, match=r"3 of 5 image\(s\) failed \(60%.*missing 3"):
+        label_images(records, cam_uri, irn_uri, str(output), CONFIG)  # default max_error_rate 0.5
+    assert not (output / "_manifest.json").exists()  # unfinished, not a complete manifest of errors
+    summary = label_images(records, cam_uri, irn_uri, str(output), dataclasses.replace(CONFIG, max_error_rate=0.6))
+    assert (summary["labeled"], summary["total_errors"], summary["skipped"]) == (0, 3, 5)  # all committed before
+    manifest, labels, errors = _read_local(output)
+    assert manifest["complete"] and sorted(e["reason"] for e in errors) == ["missing"] * 3

@@ -92,7 +92,8 @@ def test_poison_image_on_a_two_actor_pipeline_ends_as_one_error_row(ray_cluster,
     records = list(records[:4]) + [ImageRecord(POISON, records[4].uri, records[4].classes)] + list(records[5:])
     output, options = str(tmp_path / "out"), StorageOptions()
     job = {"format": "test-echo", "models": {}, "settings": {}, "settings_id": "s"}
-    _, committer = open_output(output, job, options, overwrite=False, run_id="run")
+    plan = PoolPlan(min_actors=2, max_actors=2, gpus_per_actor=0, cpus_per_actor=0.5, batch_size=3,
+                    cpu_tasks={"decode": 0.25, "write": 0.25})  # fmt: skip
     spec = PipelineSpec(
         decode_kwargs={"options": options, "max_side": None, "min_side": 1, "max_pixels": 10**6,
                        "max_decode_bytes": 64 << 20},
@@ -100,10 +101,9 @@ def test_poison_image_on_a_two_actor_pipeline_ends_as_one_error_row(ray_cluster,
         write_kwargs={"output": output, "options": options, "data_schema": _ECHO, "large_columns": (), "run_id": "run"},
         rows_per_file=4,
     )  # fmt: skip
-    plan = PoolPlan(min_actors=2, max_actors=2, gpus_per_actor=0, cpus_per_actor=0.5, batch_size=3,
-                    cpu_tasks={"decode": 0.25, "write": 0.25})  # fmt: skip
-    run_pipeline(records, committer, spec, plan, max_crashes=2)
-    manifest = finish_output(output, committer, {(r.image_id, 0) for r in records}, options, dict(job))
+    with open_output(output, job, options, overwrite=False, run_id="run") as (_, committer):
+        run_pipeline(records, committer, spec, plan, max_crashes=2)
+        manifest = finish_output(output, committer, {(r.image_id, 0) for r in records}, options, dict(job))
     rows = [r for f in manifest["data_files"] for r in pq.read_table(f"{output}/{f['path']}").to_pylist()]
     errors = pq.read_table(f"{output}/{manifest['errors_file']['path']}").to_pylist()
     assert [(e["image_id"], e["stage"], e["reason"]) for e in errors] == [(POISON, "label", "crashed_worker")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from irnet_ray.config import DEFAULT_MAX_CRASHES, DEFAULT_MAX_DECODE_BYTES, CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
+from irnet_ray.config import DEFAULT_MAX_CRASHES, DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_ERROR_RATE, CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
 
 __all__ = ["LabelJobConfig", "label_settings", "settings_id", "config_from_settings"]
 
@@ -49,6 +49,7 @@ class LabelJobConfig:
     decode_cpus: float = 0.25
     write_cpus: float = 0.25
     max_crashes: int = DEFAULT_MAX_CRASHES  # an image that ends its worker this often becomes crashed_worker
+    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # more failing images: no manifest, a non-zero exit
     evaluate: bool = True  # score the labels where the input has ground truth
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class LabelJobConfig:
             raise ValueError(f"need 1 <= min_actors <= max_actors, got min {self.min_actors}, max {self.max_actors}")
         if self.gpus_per_actor is not None and float(self.gpus_per_actor) < 0:
             raise ValueError(f"gpus_per_actor must be >= 0, got {self.gpus_per_actor}")
+        if not 0.0 <= float(self.max_error_rate) <= 1.0:
+            raise ValueError(f"max_error_rate must lie in [0, 1], got {self.max_error_rate}")
         for name in ("cpus_per_actor", "decode_cpus", "write_cpus"):
             if float(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

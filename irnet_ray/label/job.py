@@ -221,7 +221,8 @@ def label_images(
             runs[rid] = {**runs.get(rid, {}), **counts}
         runs[run_id] = {**runs.get(run_id, {}), **this_run}
         manifest = finish_output(output, committer, expected, storage_options,
-                                 {**job, "run_id": run_id, "runs": runs, **totals})  # fmt: skip
+                                 {**job, "run_id": run_id, "runs": runs, **totals},
+                                 max_error_rate=config.max_error_rate)  # fmt: skip
     summary = {
         "output": output, "run_id": run_id, "images": len(records), "labeled": committer.processed,
         "errors": committer.errors, "skipped": skipped, "retried": len(committer.retried),

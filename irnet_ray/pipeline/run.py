@@ -11,6 +11,7 @@ model actor class, an optional CPU stage, its data schema and what its commit re
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -31,7 +32,7 @@ from .lease import Lease, LeaseConfig
 from .resources import PoolPlan
 from .stages import decode_images, write_file
 
-__all__ = ["PipelineFailed", "PipelineInterrupted", "CpuStage", "PipelineSpec", "LeaseConfig", "decode_memory",
+__all__ = ["PipelineFailed", "TooManyErrors", "PipelineInterrupted", "CpuStage", "PipelineSpec", "LeaseConfig", "decode_memory",
            "open_output", "check_local_output", "run_pipeline", "finish_output"]  # fmt: skip
 
 #: Input blocks at most (each block is one decode task's worth of records).
@@ -42,6 +43,10 @@ _CHECK_THREADS = 16
 
 class PipelineFailed(RuntimeError):
     """The pipeline failed while running; what was committed stays, a rerun continues."""
+
+
+class TooManyErrors(PipelineFailed):
+    """More than the allowed share of the images failed: no manifest was written."""
 
 
 class PipelineInterrupted(RuntimeError):
@@ -209,9 +214,11 @@ def _commit_stream(ds, committer: cl.Committer, stop_after, pause_after, log) ->
 
 
 def finish_output(output: str, committer: cl.Committer, expected: set, options: StorageOptions,
-                  manifest: dict[str, Any]) -> dict:  # fmt: skip
-    """Check that every expected key is committed and every committed file exists, then write the
-    errors table and the manifest (``manifest`` plus the files and counts) and delete this run's
+                  manifest: dict[str, Any], max_error_rate: float = 1.0) -> dict:  # fmt: skip
+    """Check that every expected key is committed, that at most ``max_error_rate`` of the output's
+    rows are errors (:class:`TooManyErrors` otherwise: a misconfigured run, e.g. wrong credentials,
+    must not end as a complete manifest of errors) and that every committed file exists, then write
+    the errors table and the manifest (``manifest`` plus the files and counts) and delete this run's
     orphans (:func:`~irnet_ray.pipeline.commit_log.delete_orphans`)."""
     lost = sorted(expected - committer.committed)
     if lost:
@@ -220,6 +227,7 @@ def finish_output(output: str, committer: cl.Committer, expected: set, options: 
             f"{output} stays unfinished: run the same job again to process them"
         )
     standing = committer.standing
+    check_error_rate(output, standing, max_error_rate)
     errors_file = cl.write_errors_table(output, standing, options)
     data_files = cl.committed_files(standing)
     _check_files_exist(output, [f["path"] for f in data_files] + [errors_file["path"]], options)
@@ -233,6 +241,21 @@ def finish_output(output: str, committer: cl.Committer, expected: set, options: 
     cl.delete_orphans(output, [f["path"] for f in data_files] + [errors_file["path"]], options,
                       started=committer.started, written=committer.delivered | {errors_file["path"]})  # fmt: skip
     return manifest
+
+
+def check_error_rate(output: str, commits: list[dict], max_error_rate: float) -> None:
+    """Raise :class:`TooManyErrors` with the reasons when errors exceed ``max_error_rate`` of the rows."""
+    errors = [e for c in commits for e in c.get("errors", [])]
+    rows = len(errors) + sum(len(c.get("image_ids", [])) for c in commits)
+    if rows and len(errors) / rows > float(max_error_rate):
+        reasons = collections.Counter(e["reason"] for e in errors).most_common()
+        examples = "; ".join(f"{e['image_id']}: {e['message']}" for e in errors[:2])
+        raise TooManyErrors(
+            f"{len(errors)} of {rows} image(s) failed ({len(errors) / rows:.0%}, more than --max-error-rate "
+            f"{float(max_error_rate):g}): {', '.join(f'{r} {n}' for r, n in reasons)} (e.g. {examples}). No manifest "
+            f"was written, so {output} reads as unfinished. Fix the cause and rerun (transient failures such as "
+            "access_denied are retried), or pass a higher --max-error-rate to accept these errors"
+        )
 
 
 def _check_files_exist(output: str, paths: list[str], options: StorageOptions) -> None:
