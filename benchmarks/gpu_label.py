@@ -148,7 +148,6 @@ def versions(device) -> dict:
 def peak_matmul(device, size: int) -> dict:
     """Measured bf16 dense matmul TFLOP/s on ``device`` (random data)."""
     import torch
-
     from labeling_common import synchronize
 
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
@@ -180,9 +179,9 @@ def count_flops(cam, irn, image, classes, cam_config) -> dict:
 def sanity_check(cam_cpu, irn_cpu, cam, irn, images, classes, cam_config, synthesis_config) -> dict:
     """Semantic labels of ``label_batch`` on the device vs ``label_image`` on the CPU (float32)."""
     import torch
+    from labeling_common import semantic_agreement
 
     from irnet_ray.inference import label_batch, label_image
-    from labeling_common import semantic_agreement
 
     on_device = label_batch(cam, irn, images, classes, cam_config, synthesis_config)
     with torch.autocast("cpu", enabled=False):  # float32 whatever the device path does
@@ -196,7 +195,6 @@ def sanity_check(cam_cpu, irn_cpu, cam, irn, images, classes, cam_config, synthe
 def measure(label, images, classes, batch_size: int, batches: int, repeats: int, device) -> dict:
     """Warm-up batch, then ``repeats`` rounds of ``batches`` calls of ``label`` on cycled images."""
     import torch
-
     from labeling_common import StageProbe, stage_split, synchronize
 
     def batch(k: int):
@@ -250,10 +248,10 @@ def main(argv=None) -> int:
     run = Run(args)
 
     import torch
+    from labeling_common import seeded_models, synthetic_images
 
     from irnet_ray.config import CamInferenceConfig, SynthesisConfig
     from irnet_ray.inference import label_batch, label_image
-    from labeling_common import seeded_models, synthetic_images
 
     if args.threads:
         torch.set_num_threads(args.threads)

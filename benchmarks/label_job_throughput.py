@@ -114,10 +114,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _seeded_models(folder: Path, vocabulary, arch: str) -> tuple[str, str]:
     import torch
 
+    from irnet_ray import model_files
     from irnet_ray.config import BackboneConfig, config_to_dict
     from irnet_ray.models.cam import CamNet
     from irnet_ray.models.irnet import IRNet
-    from irnet_ray import model_files
 
     torch.manual_seed(0)
     backbone = BackboneConfig(arch=arch)
@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from irnet_ray.config import CamInferenceConfig, SynthesisConfig
     from irnet_ray.data.sources import synthetic_records
-    from irnet_ray.data.synthetic import SyntheticConfig
     from irnet_ray.data.storage import StorageOptions
+    from irnet_ray.data.synthetic import SyntheticConfig
     from irnet_ray.label import LabelJobConfig, label_images
     from irnet_ray.pipeline.commit_log import read_commits
 

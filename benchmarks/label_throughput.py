@@ -170,9 +170,9 @@ def measure_size(side: int, cam, irn, args, cam_config, synthesis_config) -> dic
 
 def run(args: argparse.Namespace) -> dict:
     import torch
+    from labeling_common import seeded_models, trained_models
 
     from irnet_ray.config import CamInferenceConfig, SynthesisConfig
-    from labeling_common import seeded_models, trained_models
 
     torch.set_num_threads(args.threads)
     cam, irn = trained_models(args.cam, args.irn) if args.cam else seeded_models(args.arch, seed=args.seed)

@@ -17,7 +17,6 @@ while a measurement runs. Where ``label_batch`` reports a stage itself, its own 
 from __future__ import annotations
 
 import argparse
-
 import functools
 import time
 from dataclasses import dataclass, field

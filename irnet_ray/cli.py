@@ -7,7 +7,6 @@ import dataclasses
 import sys
 
 
-
 def _add_demo_parser(commands) -> None:
     from irnet_ray.demo import DemoConfig
 
@@ -448,8 +447,8 @@ def _add_mine_relations_parser(commands) -> None:
     _add_storage_flags(parser)
 
     def run(args) -> int:
-        from irnet_ray.data.sources import ClassVocabulary
         from irnet_ray import model_files
+        from irnet_ray.data.sources import ClassVocabulary
         from irnet_ray.mining import mine_relations_job
 
         def job() -> int:

@@ -34,6 +34,8 @@ from irnet_ray.config import (
 )
 from irnet_ray.data.storage import StorageOptions, join, normalize
 from irnet_ray.data.synthetic import SyntheticConfig
+from irnet_ray.inference import resolve_device
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:

@@ -23,7 +23,14 @@ import numpy as np
 import pyarrow as pa
 
 from irnet_ray import __version__
-from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_ERROR_RATE, CamInferenceConfig, RelationConfig, config_to_dict, settings_id
+from irnet_ray.config import (
+    DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_MAX_ERROR_RATE,
+    CamInferenceConfig,
+    RelationConfig,
+    config_to_dict,
+    settings_id,
+)
 from irnet_ray.data.decode import encode_png
 from irnet_ray.data.images import class_ids, row_image
 from irnet_ray.data.output_format import resize_nearest

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from irnet_ray.affinity import boundary_to_affinity, pair_index, pair_valid_mask, shift
 from irnet_ray.config import SynthesisConfig
 
-
 # --------------------------------------------------------------------------------------------
 # Random walk (Eq. 12-13)
 # --------------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bad_inputs import JOB_REASONS, KINDS, MIN_LABEL_SIDE, build_bad_input_corpus, corpus_records
 from PIL import Image, UnidentifiedImageError
 
-from bad_inputs import JOB_REASONS, KINDS, MIN_LABEL_SIDE, build_bad_input_corpus, corpus_records
 from irnet_ray.config import BackboneConfig, CamInferenceConfig, SynthesisConfig
 from irnet_ray.data.decode import DECODE_REASONS, ImageDecodeError, decode_image
 from irnet_ray.data.images import downscale, row_image

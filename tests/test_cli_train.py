@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from irnet_ray import model_files
 from irnet_ray.cli import main
 from irnet_ray.data.sources import load_synthetic, synthetic_records
 from irnet_ray.data.synthetic import SyntheticConfig
-from irnet_ray import model_files
 
 WORKER = ["--num-workers", "1", "--cpus-per-worker", "0.5", "--gpus-per-worker", "0"]
 SMALL_CAM = ["--arch", "resnet18", "--train-batchnorm", "--first-trainable-stage", "0", "--epochs", "2",

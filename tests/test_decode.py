@@ -11,10 +11,10 @@ from PIL import Image, ImageFile
 
 from irnet_ray.config import DEFAULT_MAX_DECODE_BYTES
 from irnet_ray.data.decode import (
-    decode_memory_bytes,
     DECODE_REASONS,
     ImageDecodeError,
     decode_image,
+    decode_memory_bytes,
     decode_png,
     encode_png,
     image_size,

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 import pycocotools.mask as mask_utils
 import pytest
 import torch
+from conftest import FAKE_ACCESS_KEY, FAKE_REGION, FAKE_SECRET_KEY
 from PIL import Image
 
-from conftest import FAKE_ACCESS_KEY, FAKE_REGION, FAKE_SECRET_KEY
+from irnet_ray import model_files
 from irnet_ray.cli import main
 from irnet_ray.config import BackboneConfig, CamInferenceConfig, SynthesisConfig, config_to_dict
 from irnet_ray.data import output_format as of
@@ -40,13 +41,12 @@ from irnet_ray.data.storage import StorageOptions, StorageUnreachable, write_byt
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
 from irnet_ray.label import LabelJobConfig, LabelJobError, LabelJobFailed, label_images
-from irnet_ray.pipeline import commit_log as out
 from irnet_ray.label.job import LabelJobInterrupted
-from irnet_ray.model_files import ModelFileError
 from irnet_ray.label.scores import GroundTruth, ScoreBoard, score_image
+from irnet_ray.model_files import ModelFileError
 from irnet_ray.models.cam import CamNet
 from irnet_ray.models.irnet import IRNet
-from irnet_ray import model_files
+from irnet_ray.pipeline import commit_log as out
 
 DATA = SyntheticConfig(num_images=12, image_size=(64, 64), num_classes=2)
 BACKBONE = BackboneConfig(arch="resnet18")

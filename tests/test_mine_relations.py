@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from irnet_ray import model_files
 from irnet_ray.config import BackboneConfig, CamInferenceConfig, RelationConfig, config_to_dict
 from irnet_ray.data import ray_datasets as rd
 from irnet_ray.data.decode import decode_png
@@ -22,12 +23,11 @@ from irnet_ray.data.sources import ClassVocabulary, ImageRecord, load_synthetic,
 from irnet_ray.data.storage import StorageOptions
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.inference import infer_cams
-from irnet_ray.models.cam import CamNet
-from irnet_ray.relations import ir_label_map
-from irnet_ray import model_files
 from irnet_ray.mining import MANIFEST, MiningOptions, mine_relations_job
 from irnet_ray.model_files import ModelFileError
+from irnet_ray.models.cam import CamNet
 from irnet_ray.pipeline.run import PipelineInterrupted
+from irnet_ray.relations import ir_label_map
 
 BACKBONE = BackboneConfig(arch="resnet18", frozen_batchnorm=False, first_trainable_stage=0)
 CAM_INFERENCE = CamInferenceConfig(scales=(1.0, 0.5))

@@ -19,16 +19,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from PIL import Image
 
-from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+from irnet_ray import model_files
 from irnet_ray.config import BackboneConfig, CamTrainConfig, IrnTrainConfig, RelationConfig
 from irnet_ray.data.decode import encode_png
 from irnet_ray.data.sources import ImageRecord, load_synthetic, synthetic_records
 from irnet_ray.data.storage import StorageOptions, StorageUnreachable
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.models.cam import normalize_images
-from irnet_ray import model_files
 from irnet_ray.train.ray_train import (
     RunOptions,
     ScalingOptions,

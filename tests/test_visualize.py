@@ -14,10 +14,10 @@ from irnet_ray.config import BackboneConfig, CamInferenceConfig, SynthesisConfig
 from irnet_ray.data.sources import ClassVocabulary, load_records, load_synthetic
 from irnet_ray.data.synthetic import SyntheticConfig, class_names, colorize_labels
 from irnet_ray.inference import ImageInference, label_image
+from irnet_ray.model_files import load_irn_model, save_model
 from irnet_ray.models.cam import CamNet, CamOutput
 from irnet_ray.models.irnet import IRNet
 from irnet_ray.synthesis import InstanceLabels, SynthesizedLabels
-from irnet_ray.model_files import load_irn_model, save_model
 from irnet_ray.visualize import (
     FIGURE_NAME,
     PANEL_GAP,

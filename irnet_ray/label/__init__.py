@@ -4,8 +4,9 @@
 folder's protocol is in :mod:`irnet_ray.pipeline.commit_log`, its table schemas in :mod:`irnet_ray.data.output_format`.
 """
 
+from irnet_ray.pipeline.commit_log import JobInputError as LabelJobError
+
 from .config import LabelJobConfig
 from .job import LabelJobFailed, format_summary, label_images
-from irnet_ray.pipeline.commit_log import JobInputError as LabelJobError
 
 __all__ = ["LabelJobConfig", "LabelJobError", "LabelJobFailed", "format_summary", "label_images"]

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from irnet_ray.config import DEFAULT_MAX_CRASHES, DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_ERROR_RATE, CamInferenceConfig, SynthesisConfig, config_from_dict, config_to_dict, settings_id
+from irnet_ray.config import (
+    DEFAULT_MAX_CRASHES,
+    DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_MAX_ERROR_RATE,
+    CamInferenceConfig,
+    SynthesisConfig,
+    config_from_dict,
+    config_to_dict,
+    settings_id,
+)
 
 __all__ = ["LabelJobConfig", "label_settings", "settings_id", "config_from_settings"]
 

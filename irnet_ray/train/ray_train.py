@@ -61,6 +61,7 @@ import ray
 import ray.train
 import torch
 
+from irnet_ray import model_files
 from irnet_ray.config import (
     BackboneConfig,
     CamTrainConfig,
@@ -69,8 +70,8 @@ from irnet_ray.config import (
     config_from_dict,
     config_to_dict,
 )
-from irnet_ray.data.images import records_fingerprint, row_image, row_labels, summarize_errors
 from irnet_ray.data import ray_datasets as rd
+from irnet_ray.data.images import records_fingerprint, row_image, row_labels, summarize_errors
 from irnet_ray.data.sources import ClassVocabulary, ImageRecord
 from irnet_ray.data.storage import (
     StorageOptions,
@@ -82,7 +83,6 @@ from irnet_ray.data.storage import (
     resolve,
     write_bytes,
 )
-from irnet_ray import model_files
 
 __all__ = [
     "ScalingOptions",
