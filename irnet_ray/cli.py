@@ -256,9 +256,9 @@ def _connect(args) -> None:
 def _gpus(requested: float | None) -> float:
     if requested is not None:
         return float(requested)
-    import ray
+    from irnet_ray.pipeline.resources import cluster_gpus
 
-    return 1.0 if float(ray.cluster_resources().get("GPU", 0)) > 0 else 0.0
+    return 1.0 if cluster_gpus() > 0 else 0.0
 
 
 def _scaling(args):
