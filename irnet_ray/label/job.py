@@ -22,10 +22,10 @@ import pyarrow as pa
 
 from irnet_ray.data.columnar import load_table, table_of_records
 from irnet_ray.data.sources import ClassVocabulary, EmptyImageSetError, ImageRecord, load_records
-from irnet_ray.data.storage import StorageNotFound, StorageOptions, exists, join, normalize
+from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
-from irnet_ray.pipeline.planning import Plan, committed_table, key_column, plan_table
+from irnet_ray.pipeline.planning import Plan, committed_table, key_column, plan_output, plan_table
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import (
     LeaseConfig,
@@ -107,13 +107,8 @@ def _plan_summary(output: str, table: pa.Table, plan: Plan, retried: int, relabe
 
 def _dry_run(output: str, table: pa.Table, num_classes: int, options: StorageOptions, relabel_changed: bool) -> dict:
     """What a run would do, read from the output's commit log without writing anything."""
-    try:
-        commits = cl.read_commits(output, options) if exists(join(output, cl.COMMITS), options) else []
-    except StorageNotFound:
-        commits = []
-    retried = cl.transient_errors(commits)
-    plan = plan_table(table, committed_table(commits, retried), num_classes, "dry-run")
-    return _plan_summary(output, table, plan, len(retried), relabel_changed)
+    plan, retried = plan_output(output, table, num_classes, options)
+    return _plan_summary(output, table, plan, retried, relabel_changed)
 
 
 def format_plan(summary: dict) -> str:

@@ -22,9 +22,11 @@ import pyarrow.compute as pc
 
 from irnet_ray.data import output_format as of
 
-from .commit_log import effective_commits
+from irnet_ray.data.storage import StorageNotFound, StorageOptions, exists, join
 
-__all__ = ["Plan", "plan_table", "committed_table", "key_column", "COMMITTED_SCHEMA"]
+from .commit_log import COMMITS, effective_commits, read_commits, transient_errors
+
+__all__ = ["Plan", "plan_table", "plan_output", "committed_table", "key_column", "COMMITTED_SCHEMA"]
 
 _KEY_SEPARATOR = "\x1f"
 
@@ -160,3 +162,14 @@ def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: s
     pending = table.filter(pa.array(open_rows & (reasons == 0)))
     changed_count = changed.num_rows
     return Plan(pending=pending, errors=errors, skipped=int(done.sum()) - changed_count, changed=changed, inputs=inputs)
+
+
+def plan_output(output: str, table: pa.Table, num_classes: int, options: StorageOptions) -> tuple[Plan, int]:
+    """(the plan of ``table`` against ``output``'s commit log, transient errors a run would
+    retry), read without writing anything and without Ray: a dry run."""
+    try:
+        commits = read_commits(output, options) if exists(join(output, COMMITS), options) else []
+    except StorageNotFound:
+        commits = []
+    retried = transient_errors(commits)
+    return plan_table(table, committed_table(commits, retried), num_classes, "dry-run"), len(retried)
