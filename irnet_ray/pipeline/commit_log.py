@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import json
+import posixpath
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,10 +51,12 @@ from typing import Callable, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from irnet_ray.data import output_format as of
 from irnet_ray.data.parquet_files import content_name, read_table, write_table
 from irnet_ray.data.storage import (
+    StorageError,
     StorageNotFound,
     StorageOptions,
     create_exclusive,
@@ -63,6 +66,7 @@ from irnet_ray.data.storage import (
     join,
     list_files,
     read_bytes,
+    resolve,
     write_bytes,
 )
 
@@ -211,10 +215,7 @@ def read_commits(output: str, options: StorageOptions) -> list[dict]:
     commits = sorted(_parallel_read(uris, options), key=lambda c: int(c["sequence"]))
     named = [c for c in commits if c.get("file")]
     if named:
-        # One existence check per committed file, in parallel (a rerun of a large output on S3
-        # would otherwise wait for thousands of HEAD requests one after the other).
-        with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(named))) as pool:
-            found = list(pool.map(lambda c: exists(join(output, c["file"]["path"]), options), named))
+        found = _files_exist(output, [c["file"]["path"] for c in named], options)
         for commit, there in zip(named, found):
             if not there:
                 raise JobInputError(
@@ -222,6 +223,28 @@ def read_commits(output: str, options: StorageOptions) -> list[dict]:
                     "pass --overwrite (overwrite=True) to start over"
                 )
     return commits
+
+
+def _files_exist(output: str, paths: list[str], options: StorageOptions) -> list[bool]:
+    """Whether each relative ``path`` of ``output`` exists: one listing per folder they are in
+    (``data/``: one LIST request per 1,000 files on S3) instead of one HEAD request per file
+    (20,000 HEADs for an output of 20,000 commits). A folder that cannot be listed (e.g. a key
+    allowed GetObject but not ListBucket) falls back to one check per file, in parallel."""
+    folders: dict[str, set[str] | None] = {}
+    for folder in {posixpath.dirname(p) for p in paths}:
+        uri = join(output, folder) if folder else output
+        try:
+            fs, path = resolve(uri, options)
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+            folders[folder] = {i.base_name for i in infos if i.type == pafs.FileType.File}
+        except (OSError, StorageError):
+            folders[folder] = None
+    unlisted = [p for p in paths if folders[posixpath.dirname(p)] is None]
+    checked: dict[str, bool] = {}
+    if unlisted:
+        with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(unlisted))) as pool:
+            checked = dict(zip(unlisted, pool.map(lambda p: exists(join(output, p), options), unlisted)))
+    return [checked[p] if p in checked else posixpath.basename(p) in folders[posixpath.dirname(p)] for p in paths]
 
 
 def write_commit(output: str, record: dict, options: StorageOptions) -> None:
