@@ -38,7 +38,7 @@ from pathlib import Path
 
 CLASSES = 1000
 #: Threads that write the rerun's commit records to the S3 server.
-SETUP_THREADS = 16
+SETUP_THREADS = 32
 FAKE_ROOT = "/nonexistent/imagenet/train"
 
 
@@ -60,14 +60,24 @@ def make_manifests(folder: Path, rows: int) -> tuple[list[str], dict[str, str]]:
     return names, paths
 
 
-def write_commits(output: str, ids: list[str], commits: int, options) -> None:
-    """``commits`` records covering ``ids`` (each naming one small data file), as a finished run leaves them."""
+def write_commits(output: str, ids: list[str], commits: int, endpoint: str) -> None:
+    """``commits`` records covering ``ids`` (each naming one small data file), as a finished run
+    leaves them: the commit log's JSON (:func:`~irnet_ray.pipeline.commit_log._dump`) put by
+    :data:`SETUP_THREADS` writers sharing ONE boto3 client (the project's ``write_commit`` makes
+    a boto3 session per record, ~20k sessions took minutes: set-up only, not what is measured)."""
+    import boto3
     import pyarrow as pa
+    from botocore.config import Config
 
     from irnet_ray.data.parquet_files import write_table
+    from irnet_ray.data.storage import StorageOptions
     from irnet_ray.pipeline import commit_log as cl
 
-    write_table(cl.join(output, cl.DATA), "part-bench.parquet", pa.table({"image_id": ["x"]}), options)
+    write_table(cl.join(output, cl.DATA), "part-bench.parquet", pa.table({"image_id": ["x"]}),
+                StorageOptions(endpoint_url=endpoint))  # fmt: skip
+    bucket, _, prefix = output.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          config=Config(max_pool_connections=SETUP_THREADS, retries={"max_attempts": 5}))  # fmt: skip
     step = -(-len(ids) // commits)
 
     def one(sequence: int) -> None:
@@ -75,10 +85,45 @@ def write_commits(output: str, ids: list[str], commits: int, options) -> None:
         record = {"sequence": sequence, "run_id": "bench", "file": {"path": "data/part-bench.parquet", "rows": len(chunk),
                   "bytes": 1}, "image_ids": chunk, "errors": [],
                   "inputs": [[i, 0, f"{FAKE_ROOT}/{i.split('_')[0]}/{i}.JPEG", ""] for i in chunk]}  # fmt: skip
-        cl.write_commit(output, record, options)
+        key = f"{prefix}/{cl.COMMITS}/{sequence:08d}.json"
+        client.put_object(Bucket=bucket, Key=key, Body=cl._dump(record), IfNoneMatch="*")
 
     with ThreadPoolExecutor(SETUP_THREADS) as pool:
         list(pool.map(one, range(commits)))
+
+
+_SERVER = """
+import logging, sys
+from moto.server import ThreadedMotoServer
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+host, port = server.get_host_and_port()
+print(f"http://{host}:{port}", flush=True)
+sys.stdin.read()  # until the benchmark closes our stdin (or ends)
+server.stop()
+"""
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a loopback port, in a process of its own (as ``tests/conftest.py``
+    starts one, but not in this process: its request handling would share this process's GIL
+    with the set-up's writers). Returns (process, endpoint URL)."""
+    process = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    endpoint = process.stdout.readline().strip()
+    if not endpoint.startswith("http://127.0.0.1:"):
+        process.kill()
+        raise SystemExit(f"the moto server did not start (said {endpoint!r})")
+    return process, endpoint
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    try:
+        process.stdin.close()
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names: list[str]) -> dict:
@@ -88,27 +133,52 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
 
     options = StorageOptions(endpoint_url=endpoint)
     vocabulary = ClassVocabulary(tuple(names))
-    started = time.perf_counter()
+    from irnet_ray.data.storage import StorageNotFound, exists, join
+    from irnet_ray.pipeline import commit_log as cl
+
+    def read_commits() -> list[dict]:  # as plan_output / prepare_output read them
+        try:
+            return cl.read_commits(output, options) if exists(join(output, cl.COMMITS), options) else []
+        except StorageNotFound:
+            return []
+
+    phases = {}
+    started = last = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        phases[name] = round(now - last, 3)
+        last = now
+
     if mode == "columnar":
+        # plan_output's steps (pipeline/planning.py), timed one by one.
         from irnet_ray.data.columnar import load_table
-        from irnet_ray.pipeline.planning import plan_output
+        from irnet_ray.pipeline.planning import committed_table, plan_table
 
         table, _ = load_table(manifest, options, vocabulary)
-        plan, retried = plan_output(output, table, vocabulary.num_classes, options)
+        phase("load")
+        commits = read_commits()
+        phase("read_commits")
+        retried = cl.transient_errors(commits)
+        plan = plan_table(table, committed_table(commits, retried), vocabulary.num_classes, "dry-run")
+        phase("plan")
         result = {"pending": plan.pending.num_rows, "skipped": plan.skipped, "refused": len(plan.errors)}
     else:
         from irnet_ray.data.sources import load_records
-        from irnet_ray.data.storage import exists, join
-        from irnet_ray.pipeline import commit_log as cl
 
         records, _ = load_records(manifest, options, vocabulary=vocabulary, allow_duplicate_ids=True)
-        commits = cl.read_commits(output, options) if exists(join(output, cl.COMMITS), options) else []
+        phase("load")
+        commits = read_commits()
+        phase("read_commits")
         committed: set = set()
         for commit in cl.effective_commits(commits):
             committed |= cl.commit_keys(commit)
         pending, errors, skipped = cl.plan_records(records, committed, vocabulary.num_classes, "bench")
+        phase("plan")
         result = {"pending": len(pending), "skipped": skipped, "refused": len(errors)}
     result["seconds"] = time.perf_counter() - started
+    result["phases"] = phases
     result["peak_rss_mib"] = peak_rss_mib()
     return result
 
@@ -139,24 +209,13 @@ def main(argv=None) -> int:
                                   json.loads(Path(names).read_text()))))  # fmt: skip
         return 0
 
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-
     for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():  # fmt: skip
         os.environ.setdefault(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    server, endpoint = start_server()
     rows_out = []
     try:
         import boto3
-
-        from irnet_ray.data.storage import StorageOptions
 
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
         with tempfile.TemporaryDirectory() as tmp:
@@ -167,7 +226,7 @@ def main(argv=None) -> int:
 
             ids = pq.read_table(manifests["parquet"], columns=["image_id"]).column("image_id").to_pylist()
             started = time.perf_counter()
-            write_commits("s3://bench/rerun", ids, args.commits, StorageOptions(endpoint_url=endpoint))
+            write_commits("s3://bench/rerun", ids, args.commits, endpoint)
             setup = time.perf_counter() - started
             del ids
             print(f"{args.rows} rows; {args.commits} commit records written to moto in {setup:.1f} s", flush=True)
@@ -190,7 +249,7 @@ def main(argv=None) -> int:
                         rows_out.append(row)
                         print(json.dumps(row), flush=True)
     finally:
-        server.stop()
+        stop_server(server)
     print("\n| output | manifest | mode | seconds | driver peak MiB | pending | skipped | refused |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows_out:
