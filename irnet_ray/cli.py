@@ -571,6 +571,12 @@ def _add_label_parser(commands) -> None:
     parser.add_argument("--no-eval", action="store_true", help="do not score the labels against ground truth")
     parser.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
                         help="share of the images that may fail; above it the run ends with status 1 and no manifest")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="read the image set and the output's commit log, print how many images would be labeled, "
+                             "skipped, refused (per reason), retried and changed, and exit without starting Ray")
+    parser.add_argument("--relabel-changed", action="store_true",
+                        help="label again the committed image ids whose file changed (another URI, size or "
+                             "modification time) instead of refusing the run")
     group = parser.add_argument_group("Ray Data resources")
     group.add_argument("--min-actors", type=int, default=defaults.min_actors, help="labeling actors kept at least")
     group.add_argument("--max-actors", type=_auto_int, default="auto",
@@ -587,6 +593,7 @@ def _add_label_parser(commands) -> None:
 
     def run(args) -> int:
         from irnet_ray.label import LabelJobError, LabelJobFailed, format_summary, label_images
+        from irnet_ray.label.job import format_plan
 
         try:
             config = dataclasses.replace(
@@ -600,13 +607,14 @@ def _add_label_parser(commands) -> None:
             summary = label_images(args.images, args.cam, args.irn, args.output, config, _storage_options(args),
                                    overwrite=args.overwrite, lease=_lease_config(args),
                                    allow_local_output_on_cluster=args.allow_local_output_on_cluster,
+                                   dry_run=args.dry_run, relabel_changed=args.relabel_changed,
                                    ray_address=args.ray_address)  # fmt: skip
         except (LabelJobError, *_user_errors()) as error:
             return _fail("label", error)
         except LabelJobFailed as error:  # not a user mistake: status 1, committed work is kept
             print(f"irnet-ray label: {error}", file=sys.stderr)
             return 1
-        return _finish("label", summary, args, [format_summary(summary)])
+        return _finish("label", summary, args, [format_plan(summary) if args.dry_run else format_summary(summary)])
 
     parser.set_defaults(handler=run)
 

@@ -42,7 +42,7 @@ from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.attempts import DEFAULT_MAX_CRASHES, guarded
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import CpuStage, LeaseConfig, PipelineSpec, finish_output, open_output, run_pipeline
-from irnet_ray.pipeline.stages import ERROR_COLUMNS, ModelActor, error_fields, text_of
+from irnet_ray.pipeline.stages import ERROR_COLUMNS, FINGERPRINT, ModelActor, error_fields, text_of
 
 __all__ = ["MiningOptions", "mine_relations_job", "CamActor", "crf_stage", "MANIFEST"]
 
@@ -96,9 +96,9 @@ _CAM_STREAM = pa.schema([
     pa.field("image", pa.binary()), pa.field("height", pa.int64()), pa.field("width", pa.int64()),
     pa.field("orig_height", pa.int64()), pa.field("orig_width", pa.int64()),
     pa.field("cams", pa.binary()),  # (K, height, width) float16, the CAMs of the image's classes
-    *ERROR_COLUMNS,
+    *ERROR_COLUMNS, FINGERPRINT,
 ])  # fmt: skip
-_IR_STREAM = pa.schema([*IR_LABEL_SCHEMA, *ERROR_COLUMNS])
+_IR_STREAM = pa.schema([*IR_LABEL_SCHEMA, *ERROR_COLUMNS, FINGERPRINT])
 
 
 class CamActor(ModelActor):
@@ -145,7 +145,7 @@ def crf_stage(table: pa.Table, relations: dict, ledger=None, max_crashes: int = 
 
 def _ir_row(row: dict) -> dict:
     fields = ("image_id", "uri", "classes", "error_stage", "error_reason", "error_message")
-    return {**{name: row[name] for name in fields}, "ir_labels_png": None}
+    return {**{name: row[name] for name in fields}, "ir_labels_png": None, "fingerprint": row.get("fingerprint") or ""}
 
 
 def _crf_row(row: dict, config: RelationConfig) -> dict:

@@ -554,3 +554,44 @@ def test_a_run_where_most_images_fail_ends_without_a_manifest(ray_cluster, model
     assert (summary["labeled"], summary["total_errors"], summary["skipped"]) == (0, 3, 5)  # all committed before
     manifest, labels, errors = _read_local(output)
     assert manifest["complete"] and sorted(e["reason"] for e in errors) == ["missing"] * 3
+
+
+@pytest.mark.timeout(300)
+def test_a_changed_file_under_a_committed_id_is_refused_or_relabeled(ray_cluster, models, synthetic, tmp_path):
+    """A rerun whose image file was rewritten (other bytes, same id and path) is refused naming
+    the id; --relabel-changed labels it again, the old row withdrawn through a commit (its
+    committed file stays on disk, unlisted); every input row once in data or errors."""
+    cam_uri, irn_uri, _ = models
+    folder = tmp_path / "images"
+    folder.mkdir()
+    lines = ["image_id,image,classes"]
+    names = dict(enumerate(synthetic[1].names, start=1))
+    for record in synthetic[0][:5]:
+        sample = load_synthetic(record.uri)
+        Image.fromarray(sample.image).save(folder / f"{record.image_id}.png")
+        lines.append(f"{record.image_id},images/{record.image_id}.png,{'|'.join(names[c] for c in record.classes)}")
+    manifest = tmp_path / "set.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "out"
+    first = label_images(str(manifest), cam_uri, irn_uri, str(output), CONFIG)
+    assert first["labeled"] == 5
+    changed = synthetic[0][1].image_id
+    time.sleep(0.01)
+    Image.fromarray(load_synthetic(synthetic[0][6].uri).image).save(folder / f"{changed}.png")  # other bytes
+
+    with pytest.raises(LabelJobError, match=rf"1 image id\(s\) committed .* now name another file \(e.g. {changed}:"):
+        label_images(str(manifest), cam_uri, irn_uri, str(output), CONFIG)
+    assert label_images(str(manifest), cam_uri, irn_uri, str(output), CONFIG, dry_run=True)["changed"] == 1
+
+    second = label_images(str(manifest), cam_uri, irn_uri, str(output), CONFIG, relabel_changed=True)
+    assert second["changed"] == 1 and second["labeled"] == 1 and second["skipped"] == 4
+    manifest_json, labels, errors = _read_local(output)
+    assert sorted(r["image_id"] for r in labels) == sorted(r.image_id for r in synthetic[0][:5]) and errors == []
+    relabeled = [r for r in labels if r["image_id"] == changed]
+    assert relabeled[0]["run_id"] == second["run_id"]
+    commits = out.read_commits(str(output), StorageOptions())
+    replaced = [c["replaces"] for c in commits if c.get("replaces")]
+    assert replaced and all((output / path).exists() for path in replaced)  # committed files never deleted
+    assert not set(replaced) & {f["path"] for f in manifest_json["data_files"]}
+    third = label_images(str(manifest), cam_uri, irn_uri, str(output), CONFIG)  # nothing changed now
+    assert third["changed"] == 0 and third["labeled"] == 0 and third["skipped"] == 5

@@ -16,12 +16,16 @@ import time
 import uuid
 from typing import Callable, Sequence
 
+import pyarrow as pa
+
 from irnet_ray import __version__
 from irnet_ray.data import output_format as of
+from irnet_ray.data.columnar import load_table, table_of_records
 from irnet_ray.data.sources import ClassVocabulary, EmptyImageSetError, ImageRecord, load_records
 from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
+from irnet_ray.pipeline.planning import Plan, committed_table, key_column, plan_output, plan_table
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import (
     LeaseConfig,
@@ -37,9 +41,11 @@ from .config import LabelJobConfig, label_settings, settings_id
 from .scores import ScoreBoard
 from .stages import LARGE_COLUMNS, STAGES, LabelActor, ground_truth, summarize_rows
 
-__all__ = ["label_images", "LabelJobFailed", "LabelJobInterrupted", "format_summary"]
+__all__ = ["label_images", "LabelJobFailed", "LabelJobInterrupted", "format_summary", "format_plan"]
 
 _MAX_LISTED_GT_ERRORS = 20
+#: Changed image ids named in a refusal or a dry-run summary.
+_MAX_LISTED_CHANGED = 5
 _PAUSE_ENV = "IRNET_RAY_TEST_PAUSE_AFTER_COMMITS"
 
 #: The pipeline's failures, under the labeling job's names.
@@ -65,6 +71,58 @@ def _records(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
     if not records:
         raise EmptyImageSetError("the image set is empty: nothing to label")
     return records
+
+
+def _image_table(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
+                 options: StorageOptions) -> pa.Table:  # fmt: skip
+    """The image set as an Arrow image table: columnar for manifests and ``folder:`` trees (no
+    Python object per row, fingerprints from listings), from records for the other sources."""
+    if isinstance(images, str):
+        loaded = load_table(images, options, vocabulary)
+        if loaded is not None:
+            if loaded[0].num_rows == 0:
+                raise EmptyImageSetError("the image set is empty: nothing to label")
+            return loaded[0]
+    return table_of_records(_records(images, vocabulary, options))
+
+
+def _changed_message(output: str, changed: pa.Table) -> str:
+    rows = changed.slice(0, _MAX_LISTED_CHANGED).to_pylist()
+    examples = "; ".join(f"{r['image_id']}: {r['old_uri']} -> {r['uri']}" + (" (file changed)" if r["uri"] == r["old_uri"] else "")
+                         for r in rows)  # fmt: skip
+    return (f"{changed.num_rows} image id(s) committed in {output} now name another file (e.g. {examples}); "
+            "pass --relabel-changed (relabel_changed=True) to label them again, or --overwrite to start over")
+
+
+def _plan_summary(output: str, table: pa.Table, plan: Plan, retried: int, relabel_changed: bool) -> dict:
+    changed = plan.changed.num_rows
+    return {
+        "output": output, "dry_run": True, "images": table.num_rows,
+        "to_label": plan.pending.num_rows + (changed if relabel_changed else 0), "skipped": plan.skipped,
+        "refused": len(plan.errors), "refused_by_reason": plan.refused, "retried": retried, "changed": changed,
+        "changed_examples": plan.changed.slice(0, _MAX_LISTED_CHANGED).to_pylist(),
+        "relabel_changed": bool(relabel_changed),
+    }  # fmt: skip
+
+
+def _dry_run(output: str, table: pa.Table, num_classes: int, options: StorageOptions, relabel_changed: bool) -> dict:
+    """What a run would do, read from the output's commit log without writing anything."""
+    plan, retried = plan_output(output, table, num_classes, options)
+    return _plan_summary(output, table, plan, retried, relabel_changed)
+
+
+def format_plan(summary: dict) -> str:
+    """The dry-run summary for people."""
+    refused = ", ".join(f"{k} {v}" for k, v in summary["refused_by_reason"].items()) or "none"
+    lines = [f"dry run on {summary['output']}: {summary['images']} input row(s)",
+             f"  would label {summary['to_label']} image(s) (of them {summary['retried']} earlier transient failure(s) "
+             f"retried" + (f", {summary['changed']} changed" if summary["relabel_changed"] else "") + ")",
+             f"  skipped (committed): {summary['skipped']}",
+             f"  refused from the listing: {summary['refused']} ({refused})",
+             f"  changed files under committed ids: {summary['changed']}"
+             + ("" if summary["relabel_changed"] or not summary["changed"] else " (a run is refused; --relabel-changed relabels them)")]  # fmt: skip
+    lines += [f"    {r['image_id']}: {r['old_uri']} -> {r['uri']}" for r in summary["changed_examples"]]
+    return "\n".join(lines)
 
 
 def _commit_summary(num_classes: int):
@@ -123,6 +181,8 @@ def label_images(
     overwrite: bool = False,
     lease: LeaseConfig = LeaseConfig(),
     allow_local_output_on_cluster: bool = False,
+    dry_run: bool = False,
+    relabel_changed: bool = False,
     ray_address: str | None = None,
     debug: dict | None = None,
     log: Callable[[str], None] | None = None,
@@ -145,6 +205,13 @@ def label_images(
     ``JobInputError`` naming the first. A local output on a multi-node Ray cluster is refused
     unless ``allow_local_output_on_cluster`` (the path is shared by every node, e.g. NFS).
 
+    ``dry_run``: read the image set and the output's commit log, return what a run would do
+    (:func:`format_plan`: to label, skipped, refused by reason, retried, changed) and stop: no
+    Ray, no lease, nothing written. A committed image id whose input now names another file
+    (another URI, or another size or modification time of its file) refuses the run, naming the
+    first few; ``relabel_changed`` labels them again instead (the old rows are withdrawn through
+    commits; committed files are never deleted).
+
     ``debug`` (tests only): ``stop_after_commits`` (raise :class:`LabelJobInterrupted` after that
     many commits of this run), ``pause_after_commits`` (sleep there, to be killed from outside;
     also read from ``IRNET_RAY_TEST_PAUSE_AFTER_COMMITS`` so a test can pause a CLI process),
@@ -161,7 +228,11 @@ def label_images(
     output = normalize(output_uri)
     models = check_model_pair(cam_model_uri, irn_model_uri, storage_options)
     vocabulary = ClassVocabulary(models.vocabulary)
-    records = _records(images, vocabulary, storage_options)
+    table = _image_table(images, vocabulary, storage_options)
+    if dry_run:
+        summary = _dry_run(output, table, vocabulary.num_classes, storage_options, relabel_changed)
+        log(format_plan(summary))
+        return summary
     settings = label_settings(config)
     config_id = settings_id(settings)
     job = {"format": of.FORMAT_NAME, "format_version": of.FORMAT_VERSION, "models": models.record(),
@@ -169,16 +240,24 @@ def label_images(
            "irnet_ray_version": __version__}  # fmt: skip
     with open_output(output, job, storage_options, overwrite, run_id, _commit_summary(vocabulary.num_classes),
                      lease=lease, allow_local_output_on_cluster=allow_local_output_on_cluster) as (state, committer):
-        pending, input_errors, skipped = cl.plan_records(records, committer.committed, vocabulary.num_classes, run_id)
+        plan = plan_table(table, committed_table(committer.standing), vocabulary.num_classes, run_id)
+        changed = plan.changed.num_rows
+        if changed:
+            if not relabel_changed:
+                raise cl.JobInputError(_changed_message(output, plan.changed))
+            keys = zip(plan.changed.column("image_id").to_pylist(), plan.changed.column("occurrence").to_pylist())
+            committer.withdraw(keys)
+            plan = plan_table(table, committed_table(committer.standing), vocabulary.num_classes, run_id)
+        pending, input_errors, skipped = plan.pending, plan.errors, plan.skipped
         log(f"labeling {len(pending)} image(s) into {output} ({skipped} already committed, "
             f"{len(committer.retried)} earlier transient failure(s) retried, "
-            f"{len(input_errors)} refused from the listing)")  # fmt: skip
+            f"{len(input_errors)} refused from the listing, {changed} changed file(s) relabeled)")  # fmt: skip
         if input_errors:
-            committer.commit({"file": None, "image_ids": [], "errors": input_errors})
+            committer.commit({"file": None, "image_ids": [], "errors": input_errors, "inputs": plan.inputs})
 
         labeling_started = time.perf_counter()
         plan = None
-        if pending:
+        if pending.num_rows:
             from irnet_ray.train.ray_train import ensure_ray
 
             ensure_ray(address=ray_address)
@@ -203,7 +282,11 @@ def label_images(
             run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, debug=debug, log=log)
         labeling_seconds = time.perf_counter() - labeling_started
 
-        expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
+        expected = pa.concat_arrays([
+            key_column(pending.column("image_id").combine_chunks(), pa.array([0] * pending.num_rows, pa.int64())),
+            key_column(pa.array([e["image_id"] for e in input_errors], pa.string()),
+                       pa.array([e["occurrence"] for e in input_errors], pa.int64())),
+        ])  # fmt: skip
         totals = _totals(committer.standing, vocabulary.names)
         this_run = {
             "run_id": run_id, "labeled": committer.processed, "errors": committer.errors, "skipped": skipped,
@@ -224,7 +307,7 @@ def label_images(
                                  {**job, "run_id": run_id, "runs": runs, **totals},
                                  max_error_rate=config.max_error_rate)  # fmt: skip
     summary = {
-        "output": output, "run_id": run_id, "images": len(records), "labeled": committer.processed,
+        "output": output, "run_id": run_id, "images": table.num_rows, "changed": changed, "labeled": committer.processed,
         "errors": committer.errors, "skipped": skipped, "retried": len(committer.retried),
         "total_labeled": totals["labeled"],
         "total_errors": totals["errors"], "errors_by_reason": totals["errors_by_reason"],

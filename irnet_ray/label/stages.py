@@ -25,7 +25,7 @@ from irnet_ray.data import output_format as of
 from irnet_ray.data.images import row_image
 from irnet_ray.data.storage import StorageOptions
 from irnet_ray.model_files import ModelPair, load_model_pair
-from irnet_ray.pipeline.stages import ERROR_COLUMNS, ModelActor, text_of
+from irnet_ray.pipeline.stages import ERROR_COLUMNS, FINGERPRINT, ModelActor, text_of
 
 from .scores import load_ground_truth, pack_ground_truth, score_image, unpack_ground_truth
 
@@ -44,6 +44,7 @@ STREAM_SCHEMA = pa.schema(
     + [
         pa.field("score", pa.string()),  # JSON score record ("" when the image has no ground truth)
         pa.field("gt_error", pa.string()),
+        FINGERPRINT,
     ]
     + [pa.field(f"t_{stage}", pa.float64()) for stage in STAGES if stage != "write"]
 )

@@ -21,8 +21,11 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
+from irnet_ray.data.columnar import table_of_records
 from irnet_ray.data.sources import ImageRecord
 from irnet_ray.data.storage import StorageOptions, exists, is_s3, join
 
@@ -125,7 +128,7 @@ class PipelineSpec:
 
 
 def run_pipeline(
-    pending: Sequence[ImageRecord],
+    pending: Sequence[ImageRecord] | pa.Table,
     committer: cl.Committer,
     spec: PipelineSpec,
     plan: PoolPlan,
@@ -134,7 +137,7 @@ def run_pipeline(
     debug: dict | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> int:
-    """Stream ``pending`` through the pipeline and commit every file as it arrives; returns the
+    """Stream ``pending`` (records, or an image table of :mod:`irnet_ray.data.columnar`) through the pipeline and commit every file as it arrives; returns the
     number of commits made. An image that ends its worker process ``max_crashes`` times becomes
     a ``crashed_worker`` error row (:mod:`.attempts`). ``debug`` (tests): ``stop_after_commits``,
     ``pause_after_commits``."""
@@ -148,14 +151,17 @@ def run_pipeline(
         ray.kill(ledger)
 
 
-def _dataset(pending: Sequence[ImageRecord], spec: PipelineSpec, plan: PoolPlan, guard: dict):
+def _dataset(pending: Sequence[ImageRecord] | pa.Table, spec: PipelineSpec, plan: PoolPlan, guard: dict):
     # Ray 2.60 has no named parameters for task retries and actor restarts; its deprecation of
     # ray_remote_args (for 2.64) does not apply to them yet.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-    rows = [r.to_row() for r in pending]
-    blocks = max(1, min(MAX_INPUT_BLOCKS, -(-len(rows) // int(spec.decode_batch_size))))
+    table = pending if isinstance(pending, pa.Table) else table_of_records(pending)
+    # The input goes to Ray Data as Arrow blocks (no Python dict per row in the driver).
+    rows = table.num_rows
+    blocks = max(1, min(MAX_INPUT_BLOCKS, -(-rows // int(spec.decode_batch_size))))
+    step = -(-rows // blocks)
     crashes = guard["max_crashes"]
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ray.data.from_arrow([table.slice(start, step) for start in range(0, rows, step)] or [table])
     ds = ds.map_batches(decode_images, batch_size=int(spec.decode_batch_size), batch_format="numpy",
                         num_cpus=float(plan.cpu_tasks["decode"]),
                         memory=decode_memory(spec.decode_kwargs, spec.decode_batch_size),
@@ -213,14 +219,22 @@ def _commit_stream(ds, committer: cl.Committer, stop_after, pause_after, log) ->
     return commits
 
 
-def finish_output(output: str, committer: cl.Committer, expected: set, options: StorageOptions,
+def finish_output(output: str, committer: cl.Committer, expected: "set | pa.Array", options: StorageOptions,
                   manifest: dict[str, Any], max_error_rate: float = 1.0) -> dict:  # fmt: skip
     """Check that every expected key is committed, that at most ``max_error_rate`` of the output's
     rows are errors (:class:`TooManyErrors` otherwise: a misconfigured run, e.g. wrong credentials,
     must not end as a complete manifest of errors) and that every committed file exists, then write
     the errors table and the manifest (``manifest`` plus the files and counts) and delete this run's
     orphans (:func:`~irnet_ray.pipeline.commit_log.delete_orphans`)."""
-    lost = sorted(expected - committer.committed)
+    if isinstance(expected, pa.Array):  # keys of planning.key_column: checked vectorised
+        from .planning import committed_table, key_column
+
+        done = committed_table(committer.standing)
+        missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=key_column(done.column("image_id"),
+                                                                                           done.column("occurrence")))))
+        lost = [tuple(k.split("\x1f")) for k in missing.slice(0, 3).to_pylist()] + [None] * max(0, len(missing) - 3)
+    else:
+        lost = sorted(expected - committer.committed)
     if lost:
         raise PipelineFailed(
             f"{len(lost)} image(s) never came back from the pipeline (e.g. {[k[0] for k in lost[:3]]}); "
@@ -238,7 +252,8 @@ def finish_output(output: str, committer: cl.Committer, expected: set, options: 
     manifest = {**manifest, "complete": True, "images": rows + errors, "rows": rows, "errors": errors,
                 "data_files": data_files, "errors_file": errors_file, "commits": len(committer.commits)}  # fmt: skip
     cl.write_manifest(output, manifest, options)
-    cl.delete_orphans(output, [f["path"] for f in data_files] + [errors_file["path"]], options,
+    # Every file a commit ever named is kept, also those replaced (no longer listed) by a relabel.
+    cl.delete_orphans(output, [f["path"] for f in cl.committed_files(committer.commits)] + [errors_file["path"]], options,
                       started=committer.started, written=committer.delivered | {errors_file["path"]})  # fmt: skip
     return manifest
 

@@ -35,11 +35,13 @@ from irnet_ray.data.storage import StorageOptions, join
 from .attempts import DEFAULT_MAX_CRASHES, guarded
 from .commit_log import DATA
 
-__all__ = ["DECODED_COLUMNS", "ERROR_COLUMNS", "error_fields", "decode_images", "ModelActor", "write_file", "text_of"]
+__all__ = ["DECODED_COLUMNS", "FINGERPRINT", "ERROR_COLUMNS", "error_fields", "decode_images", "ModelActor", "write_file", "text_of"]
 
 #: Columns of a decoded row (:func:`decode_images`).
 DECODED_COLUMNS = ("image_id", "uri", "classes", "image", "height", "width", "orig_height", "orig_width", "error",
-                   "gt", "gt_error", "t_decode", "t_gt")  # fmt: skip
+                   "gt", "gt_error", "t_decode", "t_gt", "fingerprint")  # fmt: skip
+#: The input file's fingerprint rides along every row to the commit record (``""``: none).
+FINGERPRINT = pa.field("fingerprint", pa.string())
 #: Error columns of every row after the actor (null on a good row).
 ERROR_COLUMNS = (
     pa.field("error_stage", pa.string()),
@@ -93,7 +95,8 @@ def decode_images(
 def _undecoded_row(batch: dict, i: int) -> dict:
     return {"image_id": str(batch["image_id"][i]), "uri": str(batch["uri"][i]), "classes": class_ids(batch["classes"][i]),
             "gt": b"", "gt_error": "", "image": b"", "height": 0, "width": 0, "orig_height": 0, "orig_width": 0,
-            "error": "", "t_decode": 0.0, "t_gt": 0.0}  # fmt: skip
+            "error": "", "t_decode": 0.0, "t_gt": 0.0,
+            "fingerprint": str(batch["fingerprint"][i] or "") if "fingerprint" in batch else ""}  # fmt: skip
 
 
 def _decode_row(batch: dict, i: int, options, max_side, min_side, max_pixels, max_decode_bytes, ground_truth) -> dict:
@@ -146,7 +149,8 @@ class ModelActor:
 
     def base_fields(self, row: dict) -> dict:
         """Columns every output row carries (the decoded row's identity)."""
-        return {"image_id": str(row["image_id"]), "uri": str(row["uri"]), "classes": class_ids(row["classes"])}
+        return {"image_id": str(row["image_id"]), "uri": str(row["uri"]), "classes": class_ids(row["classes"]),
+                "fingerprint": str(row.get("fingerprint") or "")}
 
     def __call__(self, batch: dict) -> pa.Table:
         rows = [{name: batch[name][i] for name in batch} for i in range(len(batch["image_id"]))]
@@ -215,6 +219,8 @@ def write_file(
                 image_id=r["image_id"], uri=r["uri"], classes=r["classes"] or [], stage=r["error_stage"],
                 reason=r["error_reason"], message=r["error_message"] or "", run_id=run_id,
             ))  # fmt: skip
+    # What each row was made from (URI and file fingerprint): a rerun compares them with its input.
+    meta["inputs"] = [[r["image_id"], 0, r["uri"], r.get("fingerprint") or ""] for r in small]
     if summarize is not None:
         meta.update(summarize(small, good))
     if good:

@@ -1,0 +1,357 @@
+"""Image sets as Arrow tables, for jobs over millions of images (no Python object per row).
+
+:mod:`.sources` turns every row into an :class:`~.sources.ImageRecord`: right for training and
+small sets, but at ImageNet scale (1.28M rows) the driver would hold millions of Python objects
+before any work starts. The readers here return one ``pyarrow.Table`` of :data:`IMAGE_TABLE_SCHEMA`
+built with ``pyarrow.compute`` (class names -> ids, relative paths, ids from file names), and the
+listings they need run in parallel, one request stream per folder.
+
+The tables are read in the driver with pyarrow, not with Ray Data: a manifest is one object (one
+GET), its Arrow form is ~100 bytes a row (~130 MB for ImageNet), and planning (``--dry-run``)
+then needs no Ray cluster at all. ``docs/benchmarks.md`` ("Labeling: planning") has the figures.
+
+Class cells are a list column (names, or ids 1..C with a vocabulary) or a string column with
+names separated by :data:`CLASS_SEPARATOR` only (``traffic light`` is one class, ``cat|dog`` two).
+
+Each row also carries the image file's ``fingerprint`` (``"<size>:<mtime ns>"`` from the store's
+listing, ``""`` when the store has no such file or the URI is not a file): the labeling job
+records it with every committed row, so a rerun can tell that an id now names another file.
+Nothing here imports Ray or torch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+
+from .sources import (
+    _MANIFEST_FORMATS,
+    IMAGE_SUFFIXES,
+    ClassVocabulary,
+    EmptyImageSetError,
+    ImageRecord,
+    ManifestError,
+    UnknownClassError,
+    _listing,
+    _where,
+    records_table,
+)
+from .storage import StorageOptions, _translating, is_s3, normalize, parent, read_bytes, resolve
+
+__all__ = ["CLASS_SEPARATOR", "IMAGE_TABLE_SCHEMA", "read_manifest_table", "read_folder_table", "list_folders",
+           "add_fingerprints", "load_table", "table_of_records"]  # fmt: skip
+
+#: The one separator of class names in a string class cell.
+CLASS_SEPARATOR = "|"
+#: Parallel listings (folders of a tree, parents of manifest images).
+LIST_THREADS = 32
+
+IMAGE_TABLE_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("classes", pa.list_(pa.int32())),
+    ("semantic_uri", pa.string()), ("instance_uri", pa.string()), ("source_row", pa.int64()),
+    ("fingerprint", pa.string()),
+])  # fmt: skip
+_LISTING_SCHEMA = pa.schema([("uri", pa.string()), ("fingerprint", pa.string())])
+
+
+def table_of_records(records: Sequence[ImageRecord]) -> pa.Table:
+    """Records given as Python objects (the API's small-set path) as an image table; their
+    files' fingerprints are not looked up (``""``: only the URI is compared on a rerun)."""
+    table = records_table(records)
+    return table.append_column("fingerprint", pa.array([""] * table.num_rows, pa.string()))
+
+
+# --------------------------------------------------------------------------------------
+# listings
+
+
+def _list_one(folder: str, options: StorageOptions, recursive: bool) -> pa.Table:
+    """Files under ``folder`` as (uri, fingerprint); an absent folder lists nothing."""
+    if not (is_s3(folder) or folder.startswith("file://") or "://" not in folder):
+        return _LISTING_SCHEMA.empty_table()
+    fs, path = resolve(folder, options)
+    with _translating(folder, options):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    prefix = "s3://" if is_s3(folder) else ("file://" if folder.startswith("file://") else "")
+    uris = [prefix + i.path for i in files]
+    prints = [f"{i.size}:{i.mtime_ns or 0}" for i in files]
+    return pa.table({"uri": pa.array(uris, pa.string()), "fingerprint": pa.array(prints, pa.string())})
+
+
+def list_folders(folders: Iterable[str], options: StorageOptions, recursive: bool = False) -> pa.Table:
+    """Files of every folder as one (uri, fingerprint) table; folders listed in parallel."""
+    folders = list(folders)
+    if not folders:
+        return _LISTING_SCHEMA.empty_table()
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, len(folders))) as pool:
+        parts = list(pool.map(lambda f: _list_one(f, options, recursive), folders))
+    return pa.concat_tables(parts)
+
+
+def _parents(uris: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return pc.replace_substring_regex(uris, pattern=r"/[^/]*$", replacement="")
+
+
+def add_fingerprints(table: pa.Table, options: StorageOptions) -> pa.Table:
+    """``table`` with its ``fingerprint`` column from listings of its images' folders (one
+    listing per distinct folder, in parallel; no request per image)."""
+    uris = table.column("uri")
+    local_or_s3 = pc.or_(pc.starts_with(uris, "s3://"), pc.invert(pc.match_substring(uris, "://")))
+    folders = pc.unique(_parents(pc.filter(uris, local_or_s3))).to_pylist()
+    listed = list_folders([f for f in folders if f], options)
+    index = pc.index_in(uris, value_set=listed.column("uri"))
+    prints = pc.fill_null(pc.take(listed.column("fingerprint"), index), "")
+    position = table.schema.get_field_index("fingerprint")
+    if position < 0:
+        return table.append_column("fingerprint", prints)
+    return table.set_column(position, "fingerprint", prints)
+
+
+# --------------------------------------------------------------------------------------
+# class cells
+
+
+def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary | None, uri: str, column: str,
+                 images: pa.ChunkedArray) -> tuple[pa.Array, ClassVocabulary]:  # fmt: skip
+    """Class cells -> sorted unique class ids per row (list<int32>) and the vocabulary."""
+    cells = cells.combine_chunks() if isinstance(cells, pa.ChunkedArray) else cells
+    if pa.types.is_null(cells.type):
+        cells = pa.array([None] * len(cells), pa.string())
+    if pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type):
+        lists = pc.split_pattern(pc.fill_null(cells, ""), CLASS_SEPARATOR)
+    elif pa.types.is_list(cells.type) or pa.types.is_large_list(cells.type):
+        lists = pc.fill_null(cells, pa.scalar([], cells.type))
+    else:
+        raise ManifestError(f"manifest {uri}: column {column!r} must hold lists of class names or strings like "
+                            f"'cat{CLASS_SEPARATOR}dog', got {cells.type}")  # fmt: skip
+    flat = pc.list_flatten(lists)
+    parents = np.asarray(pc.list_parent_indices(lists), dtype=np.int64)
+    if pa.types.is_null(flat.type):
+        flat = flat.cast(pa.string())
+    if pa.types.is_string(flat.type) or pa.types.is_large_string(flat.type):
+        flat = pc.utf8_trim_whitespace(flat)
+        keep = pc.and_(pc.is_valid(flat), pc.not_equal(flat, ""))
+        flat, parents = pc.filter(flat, keep), parents[np.asarray(pc.fill_null(keep, False))]
+        if vocabulary is None:
+            names = pc.unique(flat).to_pylist()
+            if not names:
+                raise ManifestError(f"manifest {uri}: no class names in column {column!r} of any row")
+            vocabulary = ClassVocabulary.from_names(names)
+        index = pc.index_in(flat, value_set=pa.array(vocabulary.names, pa.string()))
+        unknown = np.flatnonzero(np.asarray(pc.is_null(index)))
+        if len(unknown):
+            row = int(parents[unknown[0]])
+            try:
+                vocabulary.id_of(flat[int(unknown[0])].as_py(), row=row + 1, image=images[row].as_py())
+            except UnknownClassError as exc:
+                raise UnknownClassError(f"manifest {uri}: {exc}", exc.name, exc.suggestions) from None
+        ids = np.asarray(index, dtype=np.int64) + 1
+    elif pa.types.is_integer(flat.type):
+        if vocabulary is None:
+            row = int(parents[0]) if len(parents) else 0
+            raise ManifestError(f"manifest {uri}: {_where(row + 1, images[row].as_py())}: class ids (numbers) need "
+                                "a vocabulary; pass vocabulary= or write class names")  # fmt: skip
+        ids = np.asarray(pc.fill_null(flat, 0), dtype=np.int64)
+        bad = np.flatnonzero((ids < 1) | (ids > vocabulary.num_classes))
+        if len(bad):
+            row = int(parents[bad[0]])
+            raise UnknownClassError(f"manifest {uri}: {_where(row + 1, images[row].as_py())}: class id "
+                                    f"{ids[bad[0]]} out of range 1..{vocabulary.num_classes}", str(ids[bad[0]]))  # fmt: skip
+    else:
+        raise ManifestError(f"manifest {uri}: column {column!r} holds {flat.type}; expected class names")
+    # Sorted, unique ids per row (as ImageRecord keeps them): one sort of (row, id) pairs.
+    stride = int(vocabulary.num_classes) + 2
+    keys = np.unique(parents * stride + ids)
+    rows, values = keys // stride, (keys % stride).astype(np.int32)
+    offsets = np.searchsorted(rows, np.arange(len(cells) + 1)).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())), vocabulary
+
+
+# --------------------------------------------------------------------------------------
+# manifests
+
+
+def _parse(data: bytes, fmt: str, uri: str, text_columns: Sequence[str]) -> pa.Table:
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            return pq.read_table(io.BytesIO(data))
+        if fmt == "csv":
+            # Every named column as text: an id column like 0001 must stay "0001".
+            header = data.split(b"\n", 1)[0].decode("utf-8-sig").strip().split(",")
+            types = {c.strip(): pa.string() for c in header if c.strip() in text_columns}
+            return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+                column_types=types, strings_can_be_null=True))  # fmt: skip
+        if data.lstrip().startswith(b"["):  # one JSON array of objects: small files; parse in Python
+            import json
+
+            return pa.Table.from_pylist(json.loads(data))
+        return pajson.read_json(io.BytesIO(data))
+    except (pa.ArrowInvalid, ValueError) as exc:
+        raise ManifestError(f"manifest {uri}: not a readable {fmt} table ({' '.join(str(exc).split())[:300]})") from None
+
+
+def _text(table: pa.Table, column: str) -> pa.Array:
+    values = table.column(column).combine_chunks()
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.string()) if not pa.types.is_null(values.type) else pa.nulls(len(values), pa.string())
+    return pc.utf8_trim_whitespace(values)
+
+
+def _resolve_paths(paths: pa.Array, base: str) -> pa.Array:
+    """:func:`~irnet_ray.data.storage.resolve_relative` on a column: URIs and absolute paths
+    stay, others are joined onto ``base`` (``..`` is left to the store, as object keys keep it)."""
+    relative = pc.and_(pc.invert(pc.match_substring(paths, "://")),
+                       pc.invert(pc.starts_with(paths, "/")))  # fmt: skip
+    relative = pc.and_(relative, pc.invert(pc.starts_with(paths, "~")))
+    stripped = pc.replace_substring_regex(paths, pattern=r"^(\./)+", replacement="")
+    joined = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), stripped, "/")
+    return pc.if_else(relative, joined, paths)
+
+
+def read_manifest_table(
+    uri: str,
+    options: StorageOptions = StorageOptions(),
+    vocabulary: ClassVocabulary | None = None,
+    *,
+    image_column: str = "image",
+    classes_column: str = "classes",
+    id_column: str = "image_id",
+    semantic_column: str = "semantic",
+    instance_column: str = "instance",
+) -> tuple[pa.Table, ClassVocabulary]:
+    """The manifest at ``uri`` as an image table (columns as :func:`~.sources.read_manifest`;
+    class cells as in the module doc). Repeated ids are kept (the labeling job refuses them per
+    row). Mistakes of the whole table (missing columns, an empty image cell, an unknown class)
+    raise as :func:`~.sources.read_manifest` does, naming the first row."""
+    uri = os.fspath(uri)
+    fmt = _MANIFEST_FORMATS.get(posixpath.splitext(uri.lower().rstrip("/"))[1])
+    if fmt is None:
+        raise ManifestError(f"manifest {uri}: unsupported file type; use .parquet, .csv, .jsonl (or .json)")
+    data = read_bytes(uri, options)
+    if not data or (fmt != "parquet" and not data.strip()):
+        raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
+    table = _parse(data, fmt, uri, (image_column, id_column, classes_column, semantic_column, instance_column))
+    missing = [c for c in (image_column, classes_column) if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"manifest {uri}: missing required column(s) {', '.join(map(repr, missing))}; found "
+                            f"columns: {', '.join(map(repr, table.column_names)) or '(none)'}; pass image_column= / "
+                            "classes_column= to use other names")  # fmt: skip
+    if table.num_rows == 0:
+        raise EmptyImageSetError(f"manifest {uri} has no rows")
+    images = _text(table, image_column)
+    empty = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(images, ""), True)))
+    if len(empty):
+        raise ManifestError(f"manifest {uri}: row {empty[0] + 1}: column {image_column!r} must hold an image path, "
+                            f"got {table.column(image_column)[int(empty[0])].as_py()!r}")  # fmt: skip
+    base = parent(uri)
+    if id_column in table.column_names:
+        ids = _text(table, id_column)
+        blank = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(ids, ""), True)))
+        if len(blank):
+            raise ManifestError(f"manifest {uri}: {_where(int(blank[0]) + 1, images[int(blank[0])].as_py())}: "
+                                f"column {id_column!r} is empty")  # fmt: skip
+    else:
+        name = pc.replace_substring_regex(images, pattern=r"^.*/", replacement="")
+        ids = pc.replace_substring_regex(name, pattern=r"(.)\.[^.]*$", replacement=r"\1")
+    classes, vocabulary = _class_lists(table.column(classes_column), vocabulary, uri, classes_column, images)
+    ground_truth = []
+    for column in (semantic_column, instance_column):
+        if column in table.column_names:
+            paths = _text(table, column)
+            paths = pc.if_else(pc.equal(paths, ""), pa.scalar(None, pa.string()), paths)
+            ground_truth.append(_resolve_paths(paths, base))
+        else:
+            ground_truth.append(pa.nulls(table.num_rows, pa.string()))
+    out = pa.Table.from_arrays(
+        [ids, _resolve_paths(images, base), classes, ground_truth[0], ground_truth[1],
+         pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)), pa.array([""] * table.num_rows, pa.string())],
+        schema=IMAGE_TABLE_SCHEMA,
+    )  # fmt: skip
+    return out, vocabulary
+
+
+# --------------------------------------------------------------------------------------
+# ImageNet-style folder trees
+
+
+def read_folder_table(uri: str, options: StorageOptions = StorageOptions(),
+                      vocabulary: ClassVocabulary | None = None) -> tuple[pa.Table, ClassVocabulary]:  # fmt: skip
+    """``root/<class_name>/<images>`` as an image table (ids and classes as
+    :func:`~.sources.read_image_folder`); each class folder is listed in parallel, and the
+    listing gives the files' fingerprints. Images directly under the root raise."""
+    root = normalize(os.fspath(uri))
+    fs, path = resolve(root, options)
+    with _translating(root, options):
+        top = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    prefix = "s3://" if is_s3(root) else ("file://" if root.startswith("file://") else "")
+    loose = [i.base_name for i in top if i.type == pafs.FileType.File and i.base_name.lower().endswith(IMAGE_SUFFIXES)
+             and not i.base_name.startswith(".")]  # fmt: skip
+    if loose:
+        raise ManifestError(f"image folder {uri}: {len(loose)} image(s) directly under the root have no class folder: "
+                            f"{_listing(sorted(loose))}; expected {uri}/<class_name>/<image>")  # fmt: skip
+    classes = sorted(i.base_name for i in top if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    listed = list_folders([prefix + f"{path.rstrip('/')}/{c}" for c in classes], options, recursive=True)
+    listed = listed.combine_chunks()
+    uris = listed.column("uri").combine_chunks()
+    below = pc.utf8_slice_codeunits(uris, len(prefix) + len(path.rstrip("/")) + 1)
+    keep = pc.and_(pc.invert(pc.match_substring_regex(below, r"(^|/)\.")),
+                   pc.match_substring_regex(below, "(?i)(" + "|".join(s.replace(".", r"\.") for s in IMAGE_SUFFIXES) + ")$"))  # fmt: skip
+    listed, below = listed.filter(keep), pc.filter(below, keep)
+    uris = listed.column("uri")
+    if listed.num_rows == 0:
+        raise EmptyImageSetError(f"no images in {uri} (expected {uri}/<class_name>/<image> with suffix "
+                                 f"{', '.join(IMAGE_SUFFIXES)})")  # fmt: skip
+    names = pc.replace_substring_regex(below, pattern=r"/.*$", replacement="")
+    found = pc.unique(names).to_pylist()
+    if vocabulary is None:
+        vocabulary = ClassVocabulary.from_names(found)
+    for name in found:
+        if name not in vocabulary:
+            try:
+                vocabulary.id_of(name)
+            except UnknownClassError as exc:
+                raise UnknownClassError(f"image folder {uri}: class folder {name!r}: {exc}", exc.name,
+                                        exc.suggestions) from None  # fmt: skip
+    ids = pc.cast(pc.add(pc.index_in(names, value_set=pa.array(vocabulary.names, pa.string())), 1), pa.int32())
+    classes_column = pa.ListArray.from_arrays(pa.array(np.arange(listed.num_rows + 1, dtype=np.int32)), ids)
+    image_ids = pc.replace_substring_regex(below, pattern=r"\.[^./]*$", replacement="")
+    nulls = pa.nulls(listed.num_rows, pa.string())
+    out = pa.Table.from_arrays([image_ids, uris, classes_column, nulls, nulls, pa.nulls(listed.num_rows, pa.int64()),
+                                listed.column("fingerprint")], schema=IMAGE_TABLE_SCHEMA)  # fmt: skip
+    return out.sort_by([("uri", "ascending")]), vocabulary
+
+
+# --------------------------------------------------------------------------------------
+# dispatcher
+
+
+def load_table(spec: str, options: StorageOptions = StorageOptions(), vocabulary: ClassVocabulary | None = None,
+               **kwargs: Any) -> tuple[pa.Table, ClassVocabulary] | None:  # fmt: skip
+    """The image table of ``spec`` for the sources that have a columnar reader (manifests:
+    ``manifest:URI`` or a table file; ImageNet-style folders: ``folder:ROOT``), with the
+    images' fingerprints; ``None`` for the others (built-in, VOC, bare folders), which the
+    caller reads with :func:`~.sources.load_records` (small sets)."""
+    spec = os.fspath(spec).strip()
+    prefix, sep, rest = spec.partition(":")
+    if sep and not rest.startswith("//") and prefix == "folder":
+        return read_folder_table(rest, options, vocabulary)
+    if sep and not rest.startswith("//") and prefix == "manifest":
+        table, vocabulary = read_manifest_table(rest, options, vocabulary, **kwargs)
+    elif posixpath.splitext(spec.lower())[1] in _MANIFEST_FORMATS and not spec.startswith(("builtin", "voc:")):
+        table, vocabulary = read_manifest_table(spec, options, vocabulary, **kwargs)
+    else:
+        return None
+    return add_fingerprints(table, options), vocabulary

@@ -1,0 +1,174 @@
+"""Which input rows a run sends, computed on Arrow columns (no Python object per input row).
+
+The columnar twin of :func:`.commit_log.plan_records`, for image tables
+(:mod:`irnet_ray.data.columnar`): the same refusals (``duplicate_id``, ``no_classes``,
+``class_out_of_range``, with the same messages, as per-row error rows), committed keys removed by
+an anti-join (``pc.is_in``), and one more check: a committed key whose input now names another
+file (another URI, or the same URI with another size or modification time) is *changed*: the
+job refuses the run or, asked to, relabels it (:meth:`.commit_log.Committer.withdraw`).
+
+Keys are (image id, occurrence), written ``"<id>\\x1f<occurrence>"`` as one string column.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from irnet_ray.data import output_format as of
+from irnet_ray.data.storage import StorageNotFound, StorageOptions, exists, join
+
+from .commit_log import COMMITS, effective_commits, read_commits, transient_errors
+
+__all__ = ["Plan", "plan_table", "plan_output", "committed_table", "key_column", "COMMITTED_SCHEMA"]
+
+_KEY_SEPARATOR = "\x1f"
+
+#: The committed keys of an output with what each was made from (``reason`` null: a data row).
+COMMITTED_SCHEMA = pa.schema([("image_id", pa.string()), ("occurrence", pa.int64()), ("uri", pa.string()),
+                              ("fingerprint", pa.string()), ("reason", pa.string()), ("path", pa.string())])  # fmt: skip
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run would do: ``pending`` rows (image table), ``errors`` (input refusals as error
+    rows), ``skipped`` (committed and unchanged), ``changed`` (committed keys whose file changed:
+    image_id, occurrence, uri (now), old_uri, fingerprint (now), old_fingerprint)."""
+
+    pending: pa.Table
+    errors: list[dict]
+    skipped: int
+    changed: pa.Table
+    #: ``[image_id, occurrence, uri, fingerprint]`` of each error row (for its commit record).
+    inputs: list = dataclasses.field(default_factory=list)
+
+    @property
+    def refused(self) -> dict[str, int]:
+        return dict(sorted(collections.Counter(e["reason"] for e in self.errors).items()))
+
+
+def key_column(image_ids, occurrences) -> pa.Array:
+    """``"<id>\\x1f<occurrence>"`` per row."""
+    occurrences = pc.cast(occurrences, pa.string())
+    return pc.binary_join_element_wise(image_ids, occurrences, _KEY_SEPARATOR)
+
+
+def committed_table(commits: Iterable[dict], retried: Iterable[tuple[str, int]] = ()) -> pa.Table:
+    """The standing committed keys of ``commits`` (withdrawn errors and replaced files left out)
+    with the URI and fingerprint each was made from (``None`` for records written before the
+    fingerprint existed); ``retried`` keys (transient errors a run tries again) are left out."""
+    retried = {(str(i), int(o)) for i, o in retried}
+    columns: dict[str, list] = {name: [] for name in COMMITTED_SCHEMA.names}
+
+    def add(image_id, occurrence, uri, fingerprint, reason, path):
+        for name, value in zip(COMMITTED_SCHEMA.names, (image_id, occurrence, uri, fingerprint, reason, path)):
+            columns[name].append(value)
+
+    for commit in effective_commits(commits):
+        inputs = {(str(i), int(o)): (u, f) for i, o, u, f in commit.get("inputs", [])}
+        path = (commit.get("file") or {}).get("path")
+        for image_id in commit.get("image_ids", []):
+            uri, fingerprint = inputs.get((str(image_id), 0), (None, None))
+            add(str(image_id), 0, uri, fingerprint, None, path)
+        for e in commit.get("errors", []):
+            key = (str(e["image_id"]), int(e["occurrence"]))
+            if key in retried:
+                continue
+            uri, fingerprint = inputs.get(key, (e.get("uri"), None))
+            add(key[0], key[1], uri, fingerprint, e["reason"], None)
+    return pa.table(columns, schema=COMMITTED_SCHEMA)
+
+
+def _occurrences(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(times each row's id is listed, the row's occurrence 0..k-1 among them), vectorised."""
+    codes = np.asarray(pc.dictionary_encode(ids).indices, dtype=np.int64)
+    counts = np.bincount(codes)
+    listed = counts[codes]
+    occurrence = np.zeros(len(codes), dtype=np.int64)
+    repeated = np.flatnonzero(listed > 1)
+    if len(repeated):
+        order = repeated[np.argsort(codes[repeated], kind="stable")]
+        group = codes[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
+        position = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        occurrence[order] = position
+    return listed, occurrence
+
+
+def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: str) -> Plan:
+    """The plan of image table ``table`` against the ``committed`` keys (:func:`committed_table`).
+    Changed keys are reported in :attr:`Plan.changed` and neither skipped nor pending: the job
+    decides (refuse, or withdraw them and call this again)."""
+    table = table.combine_chunks()
+    ids = table.column("image_id").combine_chunks()
+    listed, occurrence = _occurrences(ids)
+    keys = key_column(ids, pa.array(occurrence))
+    committed_keys = key_column(committed.column("image_id"), committed.column("occurrence"))
+    done_mask = pc.is_in(keys, value_set=committed_keys)
+    done = np.asarray(done_mask, dtype=bool)
+
+    changed = pa.table({"image_id": [], "occurrence": [], "uri": [], "old_uri": [], "fingerprint": [],
+                        "old_fingerprint": []}, schema=pa.schema([("image_id", pa.string()), ("occurrence", pa.int64()),
+                        ("uri", pa.string()), ("old_uri", pa.string()), ("fingerprint", pa.string()),
+                        ("old_fingerprint", pa.string())]))  # fmt: skip
+    if done.any():
+        now = pa.table({"key": pc.filter(keys, done_mask), "image_id": pc.filter(ids, done_mask),
+                        "occurrence": pa.array(occurrence[done]), "uri": pc.filter(table.column("uri"), done_mask),
+                        "fingerprint": pc.filter(table.column("fingerprint"), done_mask)})  # fmt: skip
+        was = pa.table({"key": committed_keys, "old_uri": committed.column("uri"),
+                        "old_fingerprint": committed.column("fingerprint")})  # fmt: skip
+        joined = now.join(was, keys="key", join_type="inner")
+        old_uri, old_print, now_print = (joined.column(c) for c in ("old_uri", "old_fingerprint", "fingerprint"))
+        other_file = pc.not_equal(joined.column("uri"), old_uri)
+        both_known = pc.and_(pc.not_equal(pc.fill_null(old_print, ""), ""), pc.not_equal(now_print, ""))
+        other_print = pc.and_(both_known, pc.not_equal(now_print, pc.fill_null(old_print, "")))
+        is_changed = pc.fill_null(pc.and_(pc.is_valid(old_uri), pc.or_(other_file, other_print)), False)
+        changed = joined.filter(is_changed).select(changed.column_names).sort_by([("image_id", "ascending")])
+
+    # Refusals of the rows that are not committed.
+    classes = table.column("classes")
+    lengths = np.asarray(pc.fill_null(pc.list_value_length(classes), 0), dtype=np.int64)
+    values = np.asarray(pc.fill_null(pc.list_flatten(classes), 0), dtype=np.int64)
+    ends = np.cumsum(lengths)
+    highest = np.where(lengths > 0, values[np.maximum(ends - 1, 0)] if len(values) else 0, 0)
+    reasons = np.full(table.num_rows, 0, dtype=np.int8)  # 0 pending, 1 duplicate, 2 no classes, 3 out of range
+    reasons[highest > int(num_classes)] = 3
+    reasons[lengths == 0] = 2
+    reasons[listed > 1] = 1
+    open_rows = ~done
+    errors, inputs = [], []
+    for row in np.flatnonzero(open_rows & (reasons > 0)):
+        row = int(row)
+        image_id = ids[row].as_py()
+        if reasons[row] == 1:
+            reason = "duplicate_id"
+            message = f"image id {image_id!r} is listed {listed[row]} times (this is row {occurrence[row] + 1} of them)"
+        elif reasons[row] == 2:
+            reason, message = "no_classes", "the image has no image-level classes: nothing to localise"
+        else:
+            reason = "class_out_of_range"
+            message = f"class id {highest[row]} is outside the models' classes 1..{num_classes}"
+        error = of.error_row(image_id=image_id, uri=table.column("uri")[row].as_py(),
+                             classes=table.column("classes")[row].as_py() or [], stage="input", reason=reason,
+                             message=message, run_id=run_id, occurrence=int(occurrence[row]))  # fmt: skip
+        errors.append(error)
+        inputs.append([image_id, int(occurrence[row]), error["uri"], table.column("fingerprint")[row].as_py() or ""])
+    pending = table.filter(pa.array(open_rows & (reasons == 0)))
+    changed_count = changed.num_rows
+    return Plan(pending=pending, errors=errors, skipped=int(done.sum()) - changed_count, changed=changed, inputs=inputs)
+
+
+def plan_output(output: str, table: pa.Table, num_classes: int, options: StorageOptions) -> tuple[Plan, int]:
+    """(the plan of ``table`` against ``output``'s commit log, transient errors a run would
+    retry), read without writing anything and without Ray: a dry run."""
+    try:
+        commits = read_commits(output, options) if exists(join(output, COMMITS), options) else []
+    except StorageNotFound:
+        commits = []
+    retried = transient_errors(commits)
+    return plan_table(table, committed_table(commits, retried), num_classes, "dry-run"), len(retried)

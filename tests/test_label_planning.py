@@ -1,0 +1,130 @@
+"""Planning a labeling run on Arrow columns (no Ray): the columnar plan equals the record plan,
+class cells, the input fingerprint and ``--dry-run`` counts on a hand-made output."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from irnet_ray import model_files
+from irnet_ray.cli import main
+from irnet_ray.config import BackboneConfig, config_to_dict
+from irnet_ray.data.columnar import read_manifest_table, table_of_records
+from irnet_ray.data.sources import ClassVocabulary, ImageRecord
+from irnet_ray.data.storage import StorageOptions
+from irnet_ray.label import label_images
+from irnet_ray.models.cam import CamNet
+from irnet_ray.models.irnet import IRNet
+from irnet_ray.pipeline import commit_log as cl
+from irnet_ray.pipeline.planning import committed_table, plan_table
+
+VOCABULARY = ClassVocabulary(("cat", "dog", "traffic light"))
+
+
+def _records():
+    return [
+        ImageRecord("a", "/x/a.jpg", (1,)), ImageRecord("b", "/x/b.jpg", (2, 3)),
+        ImageRecord("dup", "/x/d1.jpg", (1,)), ImageRecord("c", "/x/c.jpg", ()),
+        ImageRecord("dup", "/x/d2.jpg", (2,)), ImageRecord("far", "/x/f.jpg", (1, 7)),
+        ImageRecord("done", "/x/done.jpg", (1,)), ImageRecord("dup", "/x/d3.jpg", ()),
+        ImageRecord("e", "/x/e.jpg", (3, 1)),
+    ]  # fmt: skip
+
+
+def test_the_columnar_plan_equals_the_record_plan():
+    records = _records()
+    commits = [{"image_ids": ["done"], "errors": [], "file": None},
+               {"image_ids": [], "file": None, "errors": [cl.of.error_row(image_id="dup", occurrence=1, uri="/x/d2.jpg",
+                classes=[2], stage="input", reason="duplicate_id", message="m", run_id="r0")]}]  # fmt: skip
+    committed = set().union(*(cl.commit_keys(c) for c in commits))
+    pending, errors, skipped = cl.plan_records(records, committed, 3, "run")
+    plan = plan_table(table_of_records(records), committed_table(commits), 3, "run")
+    assert plan.pending.column("image_id").to_pylist() == [r.image_id for r in pending] == ["a", "b", "e"]
+    assert plan.pending.column("classes").to_pylist() == [list(r.classes) for r in pending]
+    assert plan.errors == errors and len(errors) == 4
+    assert plan.skipped == skipped == 2
+    assert plan.refused == {"class_out_of_range": 1, "duplicate_id": 2, "no_classes": 1}
+
+
+def test_class_cells_have_one_separator(tmp_path):
+    (tmp_path / "m.csv").write_text("image,classes\nimg/1.jpg,traffic light\nimg/2.jpg,cat|dog\n"
+                                    "img/3.jpg, dog | traffic light \nimg/4.jpg,\n")  # fmt: skip
+    table, _ = read_manifest_table(str(tmp_path / "m.csv"), vocabulary=VOCABULARY)
+    assert table.column("classes").to_pylist() == [[3], [1, 2], [2, 3], []]
+    assert table.column("image_id").to_pylist() == ["1", "2", "3", "4"]
+    assert table.column("uri").to_pylist()[0] == str(tmp_path / "img" / "1.jpg")
+    pq.write_table(pa.table({"image": ["x.jpg"], "classes": [["traffic light", "cat"]]}), tmp_path / "m.parquet")
+    assert read_manifest_table(str(tmp_path / "m.parquet"), vocabulary=VOCABULARY)[0].column("classes").to_pylist() == [[1, 3]]
+    with pytest.raises(ValueError, match="row 1.*unknown class 'cat dog'"):
+        (tmp_path / "bad.csv").write_text("image,classes\nx.jpg,cat dog\n")
+        read_manifest_table(str(tmp_path / "bad.csv"), vocabulary=VOCABULARY)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    backbone = BackboneConfig(arch="resnet18")
+    torch.manual_seed(0)
+    cam = CamNet(backbone, VOCABULARY.num_classes)
+    model_files.save_model(str(folder / "cam"), kind="cam", state_dict=cam.state_dict(),
+                           config={"backbone": config_to_dict(backbone)}, vocabulary=VOCABULARY, metrics=[])  # fmt: skip
+    model_files.save_model(str(folder / "irn"), kind="irn", state_dict=IRNet(cam.backbone.channels).state_dict(),
+                           config={"backbone": config_to_dict(backbone), "cam_model": str(folder / "cam")},
+                           vocabulary=VOCABULARY, metrics=[])  # fmt: skip
+    return str(folder / "cam"), str(folder / "irn")
+
+
+def _error(image_id, reason, uri, occurrence=0):
+    return cl.of.error_row(image_id=image_id, occurrence=occurrence, uri=uri, classes=[1], stage="decode",
+                           reason=reason, message="m", run_id="r0")  # fmt: skip
+
+
+def test_dry_run_counts_a_hand_made_output(models, tmp_path, capsys):
+    """Output: 3 images labeled (one of them since rewritten), 1 transient error, 1 permanent error,
+    a duplicate id refused; input: those plus 2 new images. Nothing is written, Ray never starts."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in "abcdefg":
+        (images / f"{name}.png").write_bytes(b"0" * 10)
+    manifest = tmp_path / "set.csv"
+    manifest.write_text("image_id,image,classes\n" + "".join(f"{n},images/{n}.png,cat\n" for n in "abcdefg")
+                        + "g,images/g.png,dog\n")  # fmt: skip
+    listed = read_manifest_table(str(manifest), vocabulary=VOCABULARY)[0]
+    from irnet_ray.data.columnar import add_fingerprints
+
+    prints = dict(zip(listed.column("image_id").to_pylist(), add_fingerprints(listed, StorageOptions()).column("fingerprint").to_pylist()))
+    output = tmp_path / "out"
+    (output / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["a", "b", "c"]}), output / "data" / "part-1.parquet")
+    uri = lambda n: str(images / f"{n}.png")  # noqa: E731
+    inputs = [[n, 0, uri(n), prints[n]] for n in "abde"]
+    commits = [
+        {"file": {"path": "data/part-1.parquet", "rows": 3, "bytes": 1}, "image_ids": ["a", "b", "c"], "errors": [],
+         "inputs": inputs[:2] + [["c", 0, uri("c"), "10:1"]]},  # c's file has changed since
+        {"file": None, "image_ids": [], "errors": [_error("d", "unreachable", uri("d")), _error("e", "not_an_image", uri("e"))],
+         "inputs": inputs[2:]},
+        {"file": None, "image_ids": [], "errors": [cl.of.error_row(image_id="g", occurrence=1, uri=uri("g"), classes=[2],
+         stage="input", reason="duplicate_id", message="m", run_id="r0")]},
+    ]  # fmt: skip
+    for sequence, commit in enumerate(commits):
+        cl.write_commit(str(output), {"sequence": sequence, "run_id": "r0", **commit}, StorageOptions())
+    before = sorted(p.relative_to(output) for p in output.rglob("*"))
+
+    summary = label_images(str(manifest), *models, str(output), dry_run=True)
+    assert summary["images"] == 8
+    assert summary["skipped"] == 4  # a, b, e and g's second row; c changed, d is retried
+    assert summary["changed"] == 1 and summary["changed_examples"][0]["image_id"] == "c"
+    assert summary["retried"] == 1
+    assert summary["refused"] == 1 and summary["refused_by_reason"] == {"duplicate_id": 1}
+    assert summary["to_label"] == 2  # d (retried) and f (new); c only with relabel_changed
+    assert label_images(str(manifest), *models, str(output), dry_run=True, relabel_changed=True)["to_label"] == 3
+    assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
+    import ray
+
+    assert not ray.is_initialized()
+
+    assert main(["label", "--images", str(manifest), "--irn", models[1], "--output", str(output), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "would label 2 image(s)" in printed and "duplicate_id 1" in printed and "c: " in printed
