@@ -3,10 +3,10 @@
 
 What ``irnet-ray label --dry-run`` does before any image is read: read the manifest, map class
 names to ids, refuse bad rows, skip committed ids. Two implementations, each mode in a FRESH
-subprocess (its ``ru_maxrss`` is the driver's peak memory for that mode alone):
+subprocess (its ``VmHWM`` is the driver's peak memory for that mode alone):
 
 * ``columnar``: :func:`irnet_ray.data.columnar.load_table` (pyarrow; one listing per image
-  folder for fingerprints) + :func:`irnet_ray.pipeline.planning.plan_output` (commit log ->
+  folder for fingerprints) + the steps of :func:`irnet_ray.pipeline.planning.plan_output`, timed apart (commit log ->
   committed keys table -> ``pc.is_in`` anti-join, vectorised refusals). No Ray.
 * ``records``: main's path before it: ``load_records`` (one ``ImageRecord`` per row) + a Python set of
   committed keys + ``commit_log.plan_records``. Capped by ``--old-timeout``.
@@ -14,13 +14,15 @@ subprocess (its ``ru_maxrss`` is the driver's peak memory for that mode alone):
 Inputs: a manifest of ``--rows`` rows (Parquet and CSV), ImageNet-like
 (``n01440764/n01440764_10026.JPEG`` under a fake root that holds no files, one class name of
 1000 each; no image is read). Two outputs: ``fresh`` (no commits) and ``rerun`` (``--commits``
-commit records covering every row, written with the commit-log functions to a moto S3 server
-over HTTP, as a rerun of a finished job on S3 finds them).
+commit records covering every row, in the commit log's JSON, put on a moto S3 server over
+HTTP by 32 threads sharing one boto3 client, as a rerun of a finished job on S3 finds them). The moto server runs in a process
+of its own, on a loopback port, started and stopped by the script. Each mode also reports its
+phases (``load``, ``read_commits``, ``plan``); ``docs/benchmarks.md`` has the figures.
 
 Usage::
 
-    python benchmarks/label_planning.py --rows 1281167 --commits 20000 --json runs/label_planning.json
-    python benchmarks/label_planning.py --rows 20000 --commits 200       # smoke size
+    python benchmarks/label_planning.py --rows 1281167 --commits 20000 --old-timeout 300 --json runs/label_planning.json
+    python benchmarks/label_planning.py --rows 5000 --commits 50       # smoke size (the test's)
 """
 
 from __future__ import annotations
