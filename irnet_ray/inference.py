@@ -317,10 +317,25 @@ def _run_buckets(cam_model, images, classes, config: CamInferenceConfig, infer) 
             return infer(canvas, [sizes[n] for n in indices], [classes[n] for n in indices])
 
     for bucket in _buckets(sizes, config.bucket_multiple):
-        done = _halving_on_oom(bucket, run, lambda n: (n, sizes[n]), "inference")
-        for n, result in zip(bucket, done):
-            results[n] = result
+        for chunk in _device_chunks(bucket, device):
+            done = _halving_on_oom(chunk, run, lambda n: (n, sizes[n]), "inference")
+            for n, result in zip(chunk, done):
+                results[n] = result
     return results
+
+
+#: Images per backbone call on a CPU. CPU convolutions are cache-bound: one image (with its
+#: flip) per call is faster than a batch (shared/docs/environment.md: 8 single ResNet-50 passes
+#: 0.56 s, one batch of 8 0.90 s; docs/benchmarks.md: batched labeling at 256 px 0.73x the
+#: per-image rate with whole-bucket calls). Same canvas either way, so the same labels.
+CPU_IMAGES_PER_CALL = 1
+
+
+def _device_chunks(bucket: list[int], device: torch.device) -> list[list[int]]:
+    """A bucket's images per model call: all of them on an accelerator, a few on a CPU."""
+    if device.type != "cpu":
+        return [bucket]
+    return [bucket[i : i + CPU_IMAGES_PER_CALL] for i in range(0, len(bucket), CPU_IMAGES_PER_CALL)]
 
 
 @torch.no_grad()

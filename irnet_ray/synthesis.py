@@ -144,14 +144,24 @@ def random_walk_batch(
         return []
     checked = [_check_walk_inputs(s, b, radius, beta, steps) for s, b in zip(scores, boundaries)]
     device = checked[0][1].device
-    walked = _walk_block_diagonal(
-        [s.to(device) for s, _ in checked], [b.to(device) for _, b in checked], radius, beta, steps
-    )
+    walked = _walk_batch([s.to(device) for s, _ in checked], [b.to(device) for _, b in checked], radius, beta, steps)
     results = []
     for (s, _), out, original in zip(checked, walked, scores):
         out = out.to(s.dtype)
         results.append(out.cpu().numpy() if isinstance(original, np.ndarray) else out.to(s.device))
     return results
+
+
+def _walk_batch(
+    scores: list[torch.Tensor], boundaries: list[torch.Tensor], radius: int, beta: float, steps: int
+) -> list[torch.Tensor]:
+    """The walks of a batch: one block-diagonal walk on an accelerator (one kernel per step for
+    the whole batch); one walk per image on the CPU, where the block-diagonal product gains
+    nothing and pads every image to the widest score stack (measured: the walk's share of
+    batched CPU labeling at 512 px doubled, docs/benchmarks.md)."""
+    if scores and scores[0].device.type == "cpu":
+        return [_walk_block_diagonal([s], [b], radius, beta, steps)[0] for s, b in zip(scores, boundaries)]
+    return _walk_block_diagonal(scores, boundaries, radius, beta, steps)
 
 
 def _walk_block_diagonal(
@@ -617,7 +627,7 @@ def synthesize_labels_batch(
     timings["instances"] = timings.get("instances", 0.0) + time.perf_counter() - started
 
     started = time.perf_counter()
-    walked = _walk_block_diagonal(
+    walked = _walk_batch(
         [walk_inputs(cams[n].float(), g, k) for n, g, k in zip(active, groups, num_groups)],
         [boundaries[n].float() for n in active], config.radius, config.beta, config.steps,
     )  # fmt: skip

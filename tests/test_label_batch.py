@@ -88,8 +88,11 @@ def test_bucket_rule():
         bucket_key(10, 10, multiple=24)
 
 
-def test_mixed_sizes_follow_the_bucket_rule(models, monkeypatch):
+@pytest.mark.parametrize("images_per_call", [100, 1], ids=["whole-bucket", "cpu-default"])
+def test_mixed_sizes_follow_the_bucket_rule(models, monkeypatch, images_per_call):
     cam, irn = models
+    # 100: every image of a bucket in one call, as on a GPU; 1: the CPU's one image per call.
+    monkeypatch.setattr(inference, "CPU_IMAGES_PER_CALL", images_per_call)
     sizes = [(96, 128), (70, 101), (64, 64), (65, 97), (33, 50)]
     images = [smooth_image(seed, h, w) for seed, (h, w) in enumerate(sizes)]
     classes = [[1], [2], [3], [1, 2], [2]]
@@ -97,9 +100,13 @@ def test_mixed_sizes_follow_the_bucket_rule(models, monkeypatch):
     forward = cam.backbone.forward
     monkeypatch.setattr(cam.backbone, "forward", lambda x: backbone_inputs.append(tuple(x.shape)) or forward(x))
     batch = label_batch(cam, irn, images, classes, CAMS, WALK)
-    # one backbone call per scale and bucket, image and mirror image together
-    # buckets: 96 x 128 holds images 0, 1, 3; 64 x 64 holds images 2 and 4 (33 x 50)
-    assert sorted(backbone_inputs) == sorted([(6, 3, 96, 128), (6, 3, 48, 64), (4, 3, 64, 64), (4, 3, 32, 32)])
+    # buckets: 96 x 128 holds images 0, 1, 3; 64 x 64 holds images 2 and 4 (33 x 50); image and
+    # mirror image always in the same call, on the bucket's canvas
+    if images_per_call > 1:  # one backbone call per scale and bucket
+        expected = [(6, 3, 96, 128), (6, 3, 48, 64), (4, 3, 64, 64), (4, 3, 32, 32)]
+    else:  # one call per scale and image
+        expected = [(2, 3, 96, 128)] * 3 + [(2, 3, 48, 64)] * 3 + [(2, 3, 64, 64)] * 2 + [(2, 3, 32, 32)] * 2
+    assert sorted(backbone_inputs) == sorted(expected)
     monkeypatch.undo()
     for n, (size, ids, (labels, inferred)) in enumerate(zip(sizes, classes, batch)):
         assert labels.semantic.shape == size and inferred.boundary.shape == (-(-size[0] // 4), -(-size[1] // 4))
@@ -227,6 +234,7 @@ def test_capped_batch_synthesis_equals_the_reference(method):
 
 def test_out_of_memory_halves_the_bucket_then_names_the_image(models, monkeypatch):
     cam, irn = models
+    monkeypatch.setattr(inference, "CPU_IMAGES_PER_CALL", 100)  # whole buckets per call, as on a GPU
     images = [smooth_image(seed, 64, 64) for seed in range(4)]
     classes = [[1], [2], [3], [1]]
     expected = label_batch(cam, irn, images, classes, CAMS, WALK)
@@ -301,3 +309,19 @@ def test_infer_cams_batch_equals_infer_cams(models):
         np.testing.assert_array_equal(got.classes.numpy(), ids)
         torch.testing.assert_close(got.highres, expected.highres, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got.strided, expected.strided, rtol=1e-4, atol=1e-5)
+
+
+def test_block_diagonal_walk_equals_one_walk_per_image():
+    # The accelerator path walks a batch as one block-diagonal matrix (the CPU walks image by
+    # image): the same numbers for images of different sizes and numbers of score maps.
+    from irnet_ray.synthesis import _walk_batch, _walk_block_diagonal
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 9, 11), (1, 16, 16), (5, 7, 20)]
+    scores = [torch.rand(shape, generator=generator) for shape in shapes]
+    boundaries = [torch.rand(shape[1:], generator=generator) for shape in shapes]
+    together = _walk_block_diagonal(scores, boundaries, 5, 10.0, 20)
+    alone = _walk_batch(scores, boundaries, 5, 10.0, 20)  # CPU tensors: one walk per image
+    for joint, single, s in zip(together, alone, scores):
+        assert joint.shape == s.shape
+        torch.testing.assert_close(joint, single, rtol=1e-5, atol=1e-6)
