@@ -58,6 +58,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from labeling_common import cam_scales, positive_ints  # noqa: E402 - after the path set-up
 
 STAGES = ("decode", "inference", "synthesis", "encode", "score", "write")
 #: Logical CPUs left beside the pool for the decode and write tasks: a pool that reserves every
@@ -65,34 +68,17 @@ STAGES = ("decode", "inference", "synthesis", "encode", "score", "write")
 TASK_CPUS = 0.5
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 1,2, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1.0,0.5, got {text!r}") from None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     parser.add_argument("--images", type=int, default=24, help="images per job")
-    parser.add_argument("--actors", type=_ints, default=[1, 2], help="actor counts to compare")
+    parser.add_argument("--actors", type=positive_ints, default=[1, 2], help="actor counts to compare")
     parser.add_argument("--image-size", type=int, default=256, help="square synthetic image side")
     parser.add_argument("--classes", type=int, default=4, help="foreground classes of the synthetic set")
     parser.add_argument("--arch", default="resnet50", help="backbone of the seeded models")
     parser.add_argument("--cam", default=None, help="trained CAM model folder (instead of seeded weights)")
     parser.add_argument("--irn", default=None, help="trained IRNet model folder (with --cam)")
-    parser.add_argument("--scales", type=_floats, default=(1.0, 0.5, 1.5, 2.0), help="CAM inference scales")
+    parser.add_argument("--scales", type=cam_scales, default=(1.0, 0.5, 1.5, 2.0), help="CAM inference scales")
     parser.add_argument("--walk-steps", type=int, default=256)
     parser.add_argument("--max-side", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=2, help="images per actor call and per file")

@@ -397,22 +397,38 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
                 f.write(data)
             return
         path = _local_path(uri)
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        tmp = _temporary_copy(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _remove_quietly(tmp)
             raise
+
+
+def _temporary_copy(path: str, data: bytes) -> str:
+    """``data`` in a synced temporary file next to ``path`` (parents created), with the
+    permissions a new file gets; returns its path. Renamed or linked onto ``path`` by callers,
+    so readers never see a partial file."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def create_exclusive(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> bool:
@@ -437,30 +453,19 @@ def create_exclusive(uri: str, data: bytes, options: StorageOptions = StorageOpt
     if scheme == "s3":
         return _s3_create_exclusive(uri, data, options)
     path = _local_path(uri)
-    folder = os.path.dirname(path)
     with _translating(uri, options):
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        tmp = _temporary_copy(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError as exc:
-                if exc.errno not in _NO_HARD_LINKS:
-                    raise
-                return _create_with_o_excl(path, data)
-            return True
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            return _create_with_o_excl(path, data)
         finally:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            _remove_quietly(tmp)
+        return True
 
 
 #: errno values of ``link`` on filesystems without hard links (some FUSE, SMB, FAT mounts).
