@@ -137,8 +137,8 @@ def run_pipeline(
     debug: dict | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> int:
-    """Stream ``pending`` (records, or an image table of :mod:`irnet_ray.data.columnar`) through the pipeline and commit every file as it arrives; returns the
-    number of commits made. An image that ends its worker process ``max_crashes`` times becomes
+    """Stream ``pending`` (records, or an image table of :mod:`irnet_ray.data.columnar`) through
+    the pipeline and commit every file as it arrives; returns the number of commits made. An image that ends its worker process ``max_crashes`` times becomes
     a ``crashed_worker`` error row (:mod:`.attempts`). ``debug`` (tests): ``stop_after_commits``,
     ``pause_after_commits``."""
     debug = dict(debug or {})
