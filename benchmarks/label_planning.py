@@ -6,16 +6,21 @@ names to ids, refuse bad rows, skip committed ids. Two implementations, each mod
 subprocess (its ``VmHWM`` is the driver's peak memory for that mode alone):
 
 * ``columnar``: :func:`irnet_ray.data.columnar.load_table` (pyarrow; one listing per image
-  folder for fingerprints) + the steps of :func:`irnet_ray.pipeline.planning.plan_output`, timed apart (commit log ->
-  committed keys table -> ``pc.is_in`` anti-join, vectorised refusals). No Ray.
-* ``records``: main's path before it: ``load_records`` (one ``ImageRecord`` per row) + a Python set of
-  committed keys + ``commit_log.plan_records``. Capped by ``--old-timeout``.
+  folder for fingerprints) + the steps of :func:`irnet_ray.pipeline.planning.plan_output`, timed apart (commit log
+  read from its snapshot -> committed keys table -> ``pc.is_in`` anti-join, vectorised refusals). No Ray.
+* ``columnar-nosnap``: the same, with the commit log read record by record (every JSON record,
+  as before the log had snapshots, and as a rerun after a crash reads the records newer than the
+  last snapshot).
+* ``records``: main's path before both: ``load_records`` (one ``ImageRecord`` per row), every JSON
+  record read into a Python dict, a Python set of committed keys + :func:`plan_records` (below).
+  Capped by ``--old-timeout``.
 
 Inputs: a manifest of ``--rows`` rows (Parquet and CSV), ImageNet-like
 (``n01440764/n01440764_10026.JPEG`` under a fake root that holds no files, one class name of
 1000 each; no image is read). Two outputs: ``fresh`` (no commits) and ``rerun`` (``--commits``
 commit records covering every row, in the commit log's JSON, put on a moto S3 server over
-HTTP by 32 threads sharing one boto3 client, as a rerun of a finished job on S3 finds them). The moto server runs in a process
+HTTP by 32 threads sharing one boto3 client, and the log's snapshot, as a rerun of a finished job
+on S3 finds them). The moto server runs in a process
 of its own, on a loopback port, started and stopped by the script. Each mode also reports its
 phases (``load``, ``read_commits``, ``plan``); ``docs/benchmarks.md`` has the figures.
 
@@ -28,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import resource
@@ -89,9 +95,14 @@ def write_commits(output: str, ids: list[str], commits: int, endpoint: str) -> N
                   "inputs": [[i, 0, f"{FAKE_ROOT}/{i.split('_')[0]}/{i}.JPEG", ""] for i in chunk]}  # fmt: skip
         key = f"{prefix}/{cl.COMMITS}/{sequence:08d}.json"
         client.put_object(Bucket=bucket, Key=key, Body=cl._dump(record), IfNoneMatch="*")
+        return record
 
     with ThreadPoolExecutor(SETUP_THREADS) as pool:
-        list(pool.map(one, range(commits)))
+        records = list(pool.map(one, range(commits)))
+    # ... and the snapshot a finished run writes before its manifest.
+    light, inputs = cl.split_inputs(records)
+    del records
+    cl.write_snapshot(output, light, inputs, StorageOptions(endpoint_url=endpoint))
 
 
 _SERVER = """
@@ -138,11 +149,16 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
     from irnet_ray.data.storage import StorageNotFound, exists, join
     from irnet_ray.pipeline import commit_log as cl
 
-    def read_commits() -> list[dict]:  # as plan_output / prepare_output read them
+    def read_log() -> tuple[list[dict], object]:  # as plan_output / prepare_output read it
         try:
-            return cl.read_commits(output, options) if exists(join(output, cl.COMMITS), options) else []
+            return cl.read_commit_log(output, options) if exists(join(output, cl.COMMITS), options) else ([], None)
         except StorageNotFound:
-            return []
+            return [], None
+
+    def read_every_record() -> list[dict]:  # the log's JSON records one by one, as read before snapshots
+        uris = [u for u in cl._listing(join(output, cl.COMMITS), options, ".json")
+                if cl._COMMIT_NAME.match(u.rsplit("/", 1)[-1])]  # fmt: skip
+        return sorted(cl._parallel_read(uris, options), key=lambda c: int(c["sequence"]))
 
     phases = {}
     started = last = time.perf_counter()
@@ -153,17 +169,17 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
         phases[name] = round(now - last, 3)
         last = now
 
-    if mode == "columnar":
+    if mode in ("columnar", "columnar-nosnap"):
         # plan_output's steps (pipeline/planning.py), timed one by one.
         from irnet_ray.data.columnar import load_table
         from irnet_ray.pipeline.planning import committed_table, plan_table
 
         table, _ = load_table(manifest, options, vocabulary)
         phase("load")
-        commits = read_commits()
+        commits, inputs = read_log() if mode == "columnar" else cl.split_inputs(read_every_record())
         phase("read_commits")
         retried = cl.transient_errors(commits)
-        plan = plan_table(table, committed_table(commits, retried), vocabulary.num_classes, "dry-run")
+        plan = plan_table(table, committed_table(commits, retried, inputs), vocabulary.num_classes, "dry-run")
         phase("plan")
         result = {"pending": plan.pending.num_rows, "skipped": plan.skipped, "refused": len(plan.errors)}
     else:
@@ -171,18 +187,56 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
 
         records, _ = load_records(manifest, options, vocabulary=vocabulary, allow_duplicate_ids=True)
         phase("load")
-        commits = read_commits()
+        commits = read_every_record()
         phase("read_commits")
         committed: set = set()
         for commit in cl.effective_commits(commits):
             committed |= cl.commit_keys(commit)
-        pending, errors, skipped = cl.plan_records(records, committed, vocabulary.num_classes, "bench")
+        pending, errors, skipped = plan_records(records, committed, vocabulary.num_classes, "bench")
         phase("plan")
         result = {"pending": len(pending), "skipped": skipped, "refused": len(errors)}
     result["seconds"] = time.perf_counter() - started
     result["phases"] = phases
     result["peak_rss_mib"] = peak_rss_mib()
     return result
+
+
+def plan_records(records, committed: set, num_classes: int, run_id: str):
+    """The per-row planner the jobs used before :mod:`irnet_ray.pipeline.planning` (kept here as
+    the baseline, and as the reference that ``tests/test_label_planning.py`` checks the columnar
+    plan against): ``(pending records, error rows, number already committed)``.
+
+    A repeated image id, an image without classes and a class id outside the models' classes
+    are refused per row (reasons ``duplicate_id``, ``no_classes``, ``class_out_of_range``).
+    """
+    from irnet_ray.data import output_format as of
+
+    pending, errors, skipped = [], [], 0
+    listed = collections.Counter(r.image_id for r in records)
+    occurrences: collections.Counter = collections.Counter()
+    for record in records:
+        occurrence = occurrences[record.image_id]
+        occurrences[record.image_id] += 1
+        if (record.image_id, occurrence) in committed:
+            skipped += 1
+            continue
+        reason = message = None
+        if listed[record.image_id] > 1:
+            # Output rows are keyed by image id and no row can be told to be the right one
+            # (first-wins would depend on row order): every row of a repeated id is refused.
+            reason = "duplicate_id"
+            message = f"image id {record.image_id!r} is listed {listed[record.image_id]} times (this is row {occurrence + 1} of them)"
+        elif not record.classes:
+            reason, message = "no_classes", "the image has no image-level classes: nothing to localise"
+        elif max(record.classes) > num_classes:
+            reason = "class_out_of_range"
+            message = f"class id {max(record.classes)} is outside the models' classes 1..{num_classes}"
+        if reason is None:
+            pending.append(record)
+        else:
+            errors.append(of.error_row(image_id=record.image_id, uri=record.uri, classes=record.classes, stage="input",
+                                       reason=reason, message=message, run_id=run_id, occurrence=occurrence))  # fmt: skip
+    return pending, errors, skipped
 
 
 def peak_rss_mib() -> float:
@@ -202,6 +256,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=1_281_167)
     parser.add_argument("--commits", type=int, default=20_000, help="commit records of the rerun output")
     parser.add_argument("--old-timeout", type=float, default=600.0, help="seconds the records path may take per mode")
+    parser.add_argument("--outputs", default="fresh,rerun", help="which outputs to plan against (fresh, rerun)")
+    parser.add_argument("--formats", default="parquet,csv", help="manifest formats (parquet, csv)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=5, metavar=("MODE", "MANIFEST", "OUTPUT", "ENDPOINT", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -233,15 +289,18 @@ def main(argv=None) -> int:
             del ids
             print(f"{args.rows} rows; {args.commits} commit records written to moto in {setup:.1f} s", flush=True)
             outputs = {"fresh": str(folder / "fresh-output"), "rerun": "s3://bench/rerun"}
+            outputs = {name: outputs[name] for name in args.outputs.split(",")}
             for output_name, output in outputs.items():
-                for fmt in ("parquet", "csv"):
-                    for mode in ("columnar", "records"):
+                for fmt in args.formats.split(","):
+                    for mode in ("columnar", "columnar-nosnap", "records"):
+                        if mode == "columnar-nosnap" and output_name == "fresh":
+                            continue  # no log to read: the same as columnar
                         command = [sys.executable, __file__, "--child", mode, manifests[fmt], output, endpoint,
                                    str(folder / "names.json")]  # fmt: skip
                         row = {"output": output_name, "format": fmt, "mode": mode}
                         try:
                             done = subprocess.run(command, capture_output=True, text=True,
-                                                  timeout=args.old_timeout if mode == "records" else None)  # fmt: skip
+                                                  timeout=args.old_timeout if mode != "columnar" else None)  # fmt: skip
                         except subprocess.TimeoutExpired:
                             row.update(timed_out=True, seconds=args.old_timeout)
                         else:

@@ -31,6 +31,7 @@ from irnet_ray.config import (
     config_to_dict,
     settings_id,
 )
+from irnet_ray.data.columnar import table_of_records
 from irnet_ray.data.decode import encode_png
 from irnet_ray.data.images import class_ids, row_image
 from irnet_ray.data.output_format import resize_nearest
@@ -40,6 +41,7 @@ from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import CamModelRef, assert_no_secrets, check_cam_model, load_checked_cam
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.attempts import DEFAULT_MAX_CRASHES, guarded
+from irnet_ray.pipeline.planning import plan_table
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import CpuStage, LeaseConfig, PipelineSpec, finish_output, open_output, run_pipeline
 from irnet_ray.pipeline.stages import ERROR_COLUMNS, FINGERPRINT, ModelActor, error_fields, text_of
@@ -178,7 +180,6 @@ def mine_relations_job(
     lease: LeaseConfig = LeaseConfig(),
     allow_local_output_on_cluster: bool = False,
     ray_address: str | None = None,
-    debug: dict | None = None,
 ) -> dict:
     """Mine IR labels for ``records`` with the CAM model at ``cam_model_uri`` into ``output_uri``.
 
@@ -204,12 +205,20 @@ def mine_relations_job(
     run_id = uuid.uuid4().hex[:12]
     with open_output(output, job, storage_options, overwrite, run_id, lease=lease,
                      allow_local_output_on_cluster=allow_local_output_on_cluster) as (state, committer):
-        pending, input_errors, skipped = cl.plan_records(records, committer.committed, len(cam.vocabulary), run_id)
+        inputs = plan_table(table_of_records(records), committer.committed_table(), len(cam.vocabulary), run_id)
+        if inputs.changed.num_rows:
+            examples = "; ".join(f"{r['image_id']}: {r['old_uri']} -> {r['uri']}"
+                                 for r in inputs.changed.slice(0, 3).to_pylist())  # fmt: skip
+            raise cl.JobInputError(
+                f"{inputs.changed.num_rows} image id(s) mined into {output} now name another file (e.g. {examples}); "
+                "pass --overwrite (overwrite=True) to mine the set again, or choose another output folder"
+            )
+        pending, input_errors, skipped = inputs.pending, inputs.errors, inputs.skipped
         if input_errors:
-            committer.commit({"file": None, "image_ids": [], "errors": input_errors})
-        already_complete = state.previous_manifest is not None and not pending and not input_errors
+            committer.commit({"file": None, "image_ids": [], "errors": input_errors, "inputs": inputs.inputs})
+        already_complete = state.previous_manifest is not None and not pending.num_rows and not input_errors
         plan = None
-        if pending:
+        if pending.num_rows:
             from irnet_ray.train.ray_train import ensure_ray
 
             ensure_ray(address=ray_address)
@@ -234,8 +243,9 @@ def mine_relations_job(
                               "large_columns": ("ir_labels_png",), "run_id": run_id},
                 rows_per_file=options.rows_per_file,
             )  # fmt: skip
-            run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes, debug=debug)
-        expected = {(r.image_id, 0) for r in pending} | {(e["image_id"], e["occurrence"]) for e in input_errors}
+            run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes)
+        expected = {(i, 0) for i in pending.column("image_id").to_pylist()} | {
+            (e["image_id"], e["occurrence"]) for e in input_errors}  # fmt: skip
         standing = committer.standing
         errors = [{"image_id": e["image_id"], "error": f"{e['reason']}: {e['message']}"}
                   for c in standing for e in c.get("errors", [])]  # fmt: skip

@@ -82,9 +82,14 @@ def test_a_redelivered_file_never_deletes_a_committed_file(tmp_path):
     assert os.path.exists(os.path.join(output, committed))
     # Another file with the committed ids plus new ones: only the new ones are committed, in a
     # file of another name; the committed file is untouched.
-    bigger = committer.commit(_deliver(output, ["a", "b", "c"]))
+    delivered = _deliver(output, ["a", "b", "c"])
+    bigger = committer.commit(delivered)
     assert bigger["image_ids"] == ["c"] and bigger["file"]["path"] not in (committed, None)
     assert pq.read_table(os.path.join(output, committed)).column("image_id").to_pylist() == ["a", "b"]
+    # That file delivered again, after its repair removed it: every row is committed, nothing new.
+    assert not os.path.exists(os.path.join(output, delivered["file"]["path"]))
+    again = committer.commit(json.loads(json.dumps(delivered)))
+    assert again["file"] is None and again["image_ids"] == [] and committer.duplicates == 2
 
     commits = cl.read_commits(output, StorageOptions())  # raised "damaged" before the fix
     keys = _committed_keys(commits)

@@ -10,6 +10,7 @@ merged exactly), which hold for any weights; label quality is the demo's and qua
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -41,7 +43,6 @@ from irnet_ray.data.storage import StorageOptions, StorageUnreachable, write_byt
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
 from irnet_ray.label import LabelJobConfig, LabelJobError, LabelJobFailed, label_images
-from irnet_ray.label.job import LabelJobInterrupted
 from irnet_ray.label.scores import GroundTruth, ScoreBoard, score_image
 from irnet_ray.model_files import ModelFileError
 from irnet_ray.models.cam import CamNet
@@ -364,31 +365,39 @@ def test_end_to_end_on_s3(ray_cluster, models, synthetic, s3_server, s3_client, 
 
 
 @pytest.mark.timeout(240)
-def test_an_actor_killed_mid_run_leaves_every_image_exactly_once(ray_cluster, models, synthetic, tmp_path):
+def test_an_actor_killed_mid_run_leaves_every_image_exactly_once(ray_cluster, models, synthetic, tmp_path, monkeypatch):
+    """The actor dies mid-run, and every written file comes back more than once (its first row
+    alone, then all its rows, twice): each image still ends committed once."""
     cam_uri, irn_uri, _ = models
     marker = tmp_path / "killed"
     records = list(synthetic[0])
-    summary = label_images(records, cam_uri, irn_uri, str(tmp_path / "out"), CONFIG,
-                           debug={"kill_at_image": 5, "kill_marker": str(marker)})  # fmt: skip
+    faults.ship_by_value()
+    monkeypatch.setattr("irnet_ray.label.job.LabelActor", faults.killing_label_actor(5, str(marker)))
+    monkeypatch.setattr("irnet_ray.pipeline.run.write_file", faults.redelivering_writer())
+    summary = label_images(records, cam_uri, irn_uri, str(tmp_path / "out"), CONFIG)
     assert marker.exists()  # the actor process did die, in its third batch
     assert (summary["labeled"], summary["errors"]) == (12, 0)
     manifest, labels, _ = _assert_exactly_once(records, tmp_path / "out")
-    assert len(labels) == 12 and manifest["runs"][summary["run_id"]]["labeled"] == 12
+    run = manifest["runs"][summary["run_id"]]
+    assert len(labels) == 12 and run["labeled"] == 12
+    assert run["repaired_files"] >= 1  # files holding committed rows and new ones were rewritten
 
 
 @pytest.mark.timeout(240)
-def test_a_stopped_job_is_resumed_and_labels_only_the_rest(ray_cluster, models, synthetic, tmp_path):
+def test_a_stopped_job_is_resumed_and_labels_only_the_rest(ray_cluster, models, synthetic, tmp_path, monkeypatch):
     cam_uri, irn_uri, _ = models
     output = tmp_path / "out"
     records = list(synthetic[0]) + [ImageRecord("nothing", str(tmp_path / "nothing.png"), (1,))]
-    with pytest.raises(LabelJobInterrupted):
-        label_images(records, cam_uri, irn_uri, str(output), CONFIG, debug={"stop_after_commits": 1})
+    with monkeypatch.context() as patched:
+        faults.stop_after_commits(patched, 1)  # files of the batches in flight stay uncommitted
+        with pytest.raises(LabelJobFailed, match="injected fault"):
+            label_images(records, cam_uri, irn_uri, str(output), CONFIG)
     assert not (output / "_manifest.json").exists()  # visibly unfinished
     commits = out.read_commits(str(output), StorageOptions())
     committed = set().union(*(out.commit_keys(c) for c in commits))
     assert 1 <= len(committed) < len(records)
     orphan = output / "data" / "part-orphan.parquet"  # as a task killed after writing leaves
-    shutil.copy(output / commits[-1]["file"]["path"], orphan)
+    shutil.copy(output / [c for c in commits if c["file"]][-1]["file"]["path"], orphan)
 
     summary = label_images(records, cam_uri, irn_uri, str(output), CONFIG)
     assert summary["skipped"] == len(committed)
@@ -403,37 +412,41 @@ def test_a_stopped_job_is_resumed_and_labels_only_the_rest(ray_cluster, models, 
 
 
 @pytest.mark.timeout(300)
-def test_a_killed_driver_is_resumed_and_every_image_is_committed_once(ray_cluster, models, synthetic, tmp_path):
-    """The labeling command in its own process, killed (SIGKILL, no clean-up of any kind) once
-    some files are committed; the same job run again finishes the output exactly once."""
+@pytest.mark.parametrize("fault", sorted(faults.DRIVER_FAULTS))
+def test_a_killed_driver_is_resumed_and_every_image_is_committed_once(ray_cluster, models, synthetic, tmp_path, fault):
+    """The labeling command in its own process (its own local Ray), its driver killed (SIGKILL,
+    no clean-up of any kind) at a random commit (seeded, named in the failure message): before
+    its record is created, half-way through writing it, or right after. The same job run again
+    finishes the output exactly once."""
+    import random
+
     cam_uri, irn_uri, _ = models
     output = tmp_path / "out"
-    command = [sys.executable, "-m", "irnet_ray.cli", "label", "--images", builtin_spec(DATA), "--cam", cam_uri,
-               "--irn", irn_uri, "--output", str(output), "--max-side", "48", "--scales", "1.0", "--walk-steps", "16",
-               "--batch-size", "1", "--rows-per-file", "1", "--cpus-per-actor", "0.5", "--gpus-per-actor", "0"]  # fmt: skip
-    # The driver holds still after its second commit (test hook) until it is killed: a small job
-    # can otherwise finish between two looks at the folder.
-    env = {**os.environ, "IRNET_RAY_TEST_PAUSE_AFTER_COMMITS": "2"}
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              env=env)  # fmt: skip
+    seed = random.randrange(2**32)
+    at = random.Random(seed).randint(1, 10)  # of 12 data files
+    command = [sys.executable, str(Path(faults.__file__)), fault, str(at), "--", "label", "--images",
+               builtin_spec(DATA), "--cam", cam_uri, "--irn", irn_uri, "--output", str(output), "--max-side", "48",
+               "--scales", "1.0", "--walk-steps", "16", "--batch-size", "1", "--rows-per-file", "1",
+               "--cpus-per-actor", "0.5", "--gpus-per-actor", "0"]  # fmt: skip
+    where = f"{fault} at data commit {at} (seed {seed})"
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
     try:
-        deadline = time.monotonic() + 200
-        while len(list((output / "_commits").glob("*.json"))) < 2:
-            assert driver.poll() is None, "the labeling job ended before it could be killed"
-            assert time.monotonic() < deadline, "no commit within 200 s"
-            time.sleep(0.2)
-        time.sleep(1.0)  # the pause, not the end of the job: it must still be running
-        assert driver.poll() is None
+        _, stderr = driver.communicate(timeout=240)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # its Ray: no task of the dead job writes on
+    assert driver.returncode == -signal.SIGKILL, f"{where}: the driver was not killed\n{stderr[-3000:]}"
     assert not (output / "_manifest.json").exists()
-    committed = set().union(*(out.commit_keys(c) for c in out.read_commits(str(output), StorageOptions())))
-    assert 2 <= len(committed) < 12
+    commits = out.read_commits(str(output), StorageOptions())
+    committed = set().union(*(out.commit_keys(c) for c in commits))
+    assert len([c for c in commits if c["file"]]) == at - (fault != "after-commit"), where
+    if fault == "during-commit":
+        assert list((output / "_commits").glob(".*.tmp")), f"{where}: no half-written record"
 
     same_labels = dataclasses.replace(CONFIG, synthesis=SynthesisConfig(steps=16))  # what the command labeled with
     summary = label_images(builtin_spec(DATA), cam_uri, irn_uri, str(output), same_labels)
-    assert summary["skipped"] == len(committed) and summary["labeled"] == 12 - len(committed)
+    assert summary["skipped"] == len(committed) and summary["labeled"] == 12 - len(committed), where
     _assert_exactly_once(synthetic[0], output)
 
 

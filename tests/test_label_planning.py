@@ -3,6 +3,9 @@ class cells, the input fingerprint and ``--dry-run`` counts on a hand-made outpu
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +22,13 @@ from irnet_ray.models.cam import CamNet
 from irnet_ray.models.irnet import IRNet
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.planning import committed_table, plan_table
+
+# The per-row planner the jobs used before the columnar one: the reference the plan is checked against.
+_spec = importlib.util.spec_from_file_location("label_planning_benchmark",
+                                               Path(__file__).resolve().parents[1] / "benchmarks" / "label_planning.py")
+_benchmark = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_benchmark)
+plan_records = _benchmark.plan_records
 
 VOCABULARY = ClassVocabulary(("cat", "dog", "traffic light"))
 
@@ -39,7 +49,7 @@ def test_the_columnar_plan_equals_the_record_plan():
                {"image_ids": [], "file": None, "errors": [cl.of.error_row(image_id="dup", occurrence=1, uri="/x/d2.jpg",
                 classes=[2], stage="input", reason="duplicate_id", message="m", run_id="r0")]}]  # fmt: skip
     committed = set().union(*(cl.commit_keys(c) for c in commits))
-    pending, errors, skipped = cl.plan_records(records, committed, 3, "run")
+    pending, errors, skipped = plan_records(records, committed, 3, "run")
     plan = plan_table(table_of_records(records), committed_table(commits), 3, "run")
     assert plan.pending.column("image_id").to_pylist() == [r.image_id for r in pending] == ["a", "b", "e"]
     assert plan.pending.column("classes").to_pylist() == [list(r.classes) for r in pending]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 
+import faults
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -26,7 +27,7 @@ from irnet_ray.inference import infer_cams
 from irnet_ray.mining import MANIFEST, MiningOptions, mine_relations_job
 from irnet_ray.model_files import ModelFileError
 from irnet_ray.models.cam import CamNet
-from irnet_ray.pipeline.run import PipelineInterrupted
+from irnet_ray.pipeline.run import PipelineFailed
 from irnet_ray.relations import ir_label_map
 
 BACKBONE = BackboneConfig(arch="resnet18", frozen_batchnorm=False, first_trainable_stage=0)
@@ -110,7 +111,8 @@ def test_mining_writes_committed_ir_labels_and_records_failures(ray_cluster, syn
 
 
 @pytest.mark.timeout(300)
-def test_downscaled_mining_keeps_the_original_size_and_partial_runs_are_redone(ray_cluster, cam_model, tmp_path):
+def test_downscaled_mining_keeps_the_original_size_and_partial_runs_are_redone(ray_cluster, cam_model, tmp_path,
+                                                                               monkeypatch):  # fmt: skip
     big = np.asarray(Image.fromarray(load_synthetic(synthetic_records(
         SyntheticConfig(num_images=1, image_size=(64, 64), num_classes=2))[0][0].uri).image).resize((150, 120)))
     path = tmp_path / "big.png"
@@ -119,10 +121,10 @@ def test_downscaled_mining_keeps_the_original_size_and_partial_runs_are_redone(r
     output = str(tmp_path / "ir")
     options = MiningOptions(max_side=64, cpus_per_actor=0.5, crf_cpus=0.5, rows_per_file=1)
     # An unfinished earlier run: stopped after its first commit, a stray uncommitted file beside.
-    with pytest.raises(PipelineInterrupted):
+    with monkeypatch.context() as patched, pytest.raises(PipelineFailed, match="injected fault"):
+        faults.stop_after_commits(patched, 1)
         mine_relations_job(records + [ImageRecord("gone", str(tmp_path / "gone.png"), (1,))], cam_model, output,
-                           cam_inference=CAM_INFERENCE, relations=RELATIONS, options=options,
-                           debug={"stop_after_commits": 1})  # fmt: skip
+                           cam_inference=CAM_INFERENCE, relations=RELATIONS, options=options)  # fmt: skip
     (tmp_path / "ir" / "data" / "part-stale.parquet").write_bytes(b"half a file")
     with pytest.raises(ValueError, match="did not finish"):
         rd.ir_label_dataset(output)

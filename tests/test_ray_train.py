@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 
+import faults
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +30,7 @@ from irnet_ray.data.sources import ImageRecord, load_synthetic, synthetic_record
 from irnet_ray.data.storage import StorageOptions, StorageUnreachable
 from irnet_ray.data.synthetic import SyntheticConfig
 from irnet_ray.models.cam import normalize_images
+from irnet_ray.train import ray_train
 from irnet_ray.train.ray_train import (
     RunOptions,
     ScalingOptions,
@@ -59,8 +61,13 @@ def cam_run(ray_cluster, synthetic, tmp_path_factory):
     records, vocabulary = synthetic
     storage = tmp_path_factory.mktemp("runs")
     rows = list(records[:23]) + [ImageRecord("gone", str(storage / "gone.png"), (1,))]  # 12 + 12 rows
-    return train_cam_job(rows, vocabulary, backbone=BACKBONE, train=CAM, scaling=TWO,
-                         run=RunOptions("cam", str(storage)), cache_decoded=False)  # fmt: skip
+    faults.ship_by_value()
+    digests = tmp_path_factory.mktemp("parameters")  # each worker's parameters after each epoch
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(ray_train, "train_loop_per_worker", faults.train_loop_recording_parameters(str(digests)))
+        summary = train_cam_job(rows, vocabulary, backbone=BACKBONE, train=CAM, scaling=TWO,
+                                run=RunOptions("cam", str(storage)), cache_decoded=False)  # fmt: skip
+    return {**summary, "parameter_digests": {p.name: p.read_text() for p in digests.iterdir()}}
 
 
 def _ir_label_parquet(path, records, like=None) -> str:
@@ -192,6 +199,12 @@ def test_cam_training_on_two_workers(cam_run, synthetic):
     assert [e["image_id"] for e in cam_run["errors"]] == ["gone"] and cam_run["images"] == 23
     assert cam_run["errors"][0]["error"].startswith("missing: ")
     assert history[-1]["lr"] < CAM.lr
+    # Data parallel: the workers train on different halves, and after every epoch both hold the
+    # same parameters (DDP averaged their gradients); without the sync they would drift apart.
+    digests = cam_run["parameter_digests"]
+    assert sorted(digests) == sorted(f"epoch{e}.rank{r}" for e in range(CAM.epochs) for r in (0, 1))
+    assert all(digests[f"epoch{e}.rank0"] == digests[f"epoch{e}.rank1"] for e in range(CAM.epochs)), digests
+    assert len({digests[f"epoch{e}.rank0"] for e in range(CAM.epochs)}) == CAM.epochs  # they did train
 
     model_dir = cam_run["model_uri"]
     assert os.path.isfile(os.path.join(model_dir, "model.pt")) and os.path.isfile(os.path.join(model_dir, "model.json"))
@@ -244,13 +257,17 @@ def test_irn_training_on_two_workers(cam_run, synthetic, tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_rerun_resumes_from_last_checkpoint_and_skips_finished_runs(ray_cluster, synthetic, tmp_path):
+def test_rerun_resumes_from_last_checkpoint_and_skips_finished_runs(ray_cluster, synthetic, tmp_path, monkeypatch):
     records, vocabulary = synthetic
     train = CamTrainConfig(epochs=4, batch_size=8, lr=0.05, backbone_lr_scale=1.0, crop_size=64, rescale_long_side=(56, 64))
     run = RunOptions("resume", str(tmp_path), max_failures=0)
     kwargs = dict(backbone=BACKBONE, train=train, scaling=ONE, run=run)
-    with pytest.raises(TrainingJobError, match="resume"):
-        train_cam_job(records, vocabulary, debug={"stop_after_epochs": 2}, **kwargs)
+    faults.ship_by_value()
+    with monkeypatch.context() as patched, pytest.raises(TrainingJobError, match="resume"):
+        # The loop raises after its second epoch's checkpoint (max_failures=0: the run ends).
+        patched.setattr(ray_train, "train_loop_per_worker",
+                        faults.train_loop_failing_after(2, str(tmp_path / "stopped"), kill=False))  # fmt: skip
+        train_cam_job(records, vocabulary, **kwargs)
     assert not os.path.exists(os.path.join(run.model_uri, "model.json"))
 
     summary = train_cam_job(records, vocabulary, **kwargs)
@@ -305,14 +322,17 @@ def test_training_sets_are_materialized_in_input_order(ray_cluster):
 
 
 @pytest.mark.timeout(180)
-def test_worker_death_restarts_from_the_last_checkpoint(ray_cluster, synthetic, tmp_path):
-    """The worker process dies at the start of epoch 1: Ray Train starts a new worker group,
+def test_worker_death_restarts_from_the_last_checkpoint(ray_cluster, synthetic, tmp_path, monkeypatch):
+    """The worker process dies after reporting epoch 0: Ray Train starts a new worker group,
     which resumes from the epoch-0 checkpoint (FailureConfig(max_failures=1))."""
     records, vocabulary = synthetic
     train = CamTrainConfig(epochs=2, batch_size=8, lr=0.05, backbone_lr_scale=1.0, crop_size=64, rescale_long_side=(56, 64))
     run = RunOptions("killed", str(tmp_path / "runs"), max_failures=1)
-    debug = {"kill_at_epoch": 1, "kill_marker": str(tmp_path / "killed"), "kill_delay_s": 2.0}
-    summary = train_cam_job(records, vocabulary, backbone=BACKBONE, train=train, scaling=ONE, run=run, debug=debug)
+    faults.ship_by_value()
+    # The delay lets the controller poll the epoch-0 report (every 0.5 s here) before the death.
+    monkeypatch.setattr(ray_train, "train_loop_per_worker",
+                        faults.train_loop_failing_after(1, str(tmp_path / "killed"), kill=True, delay_s=2.0))
+    summary = train_cam_job(records, vocabulary, backbone=BACKBONE, train=train, scaling=ONE, run=run)
     assert os.path.exists(str(tmp_path / "killed") + ".rank0")  # the worker really died once
     assert [h["epoch"] for h in summary["history"]] == [0, 1]  # every epoch exactly once
     starts = [h["session_start"] for h in summary["history"]]

@@ -11,7 +11,6 @@ then writes the errors table and the manifest.
 from __future__ import annotations
 
 import collections
-import os
 import time
 import uuid
 from typing import Callable, Sequence
@@ -25,12 +24,11 @@ from irnet_ray.data.sources import ClassVocabulary, EmptyImageSetError, ImageRec
 from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
-from irnet_ray.pipeline.planning import Plan, committed_table, key_column, plan_output, plan_table
+from irnet_ray.pipeline.planning import Plan, key_column, plan_output, plan_table
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import (
     LeaseConfig,
     PipelineFailed,
-    PipelineInterrupted,
     PipelineSpec,
     finish_output,
     open_output,
@@ -41,16 +39,14 @@ from .config import LabelJobConfig, label_settings, settings_id
 from .scores import ScoreBoard
 from .stages import LARGE_COLUMNS, STAGES, LabelActor, ground_truth, summarize_rows
 
-__all__ = ["label_images", "LabelJobFailed", "LabelJobInterrupted", "format_summary", "format_plan"]
+__all__ = ["label_images", "LabelJobFailed", "format_summary", "format_plan"]
 
 _MAX_LISTED_GT_ERRORS = 20
 #: Changed image ids named in a refusal or a dry-run summary.
 _MAX_LISTED_CHANGED = 5
-_PAUSE_ENV = "IRNET_RAY_TEST_PAUSE_AFTER_COMMITS"
 
 #: The pipeline's failures, under the labeling job's names.
 LabelJobFailed = PipelineFailed
-LabelJobInterrupted = PipelineInterrupted
 
 
 def _records(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
@@ -184,7 +180,6 @@ def label_images(
     dry_run: bool = False,
     relabel_changed: bool = False,
     ray_address: str | None = None,
-    debug: dict | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Label ``images`` (an image-set spec as :func:`~irnet_ray.data.sources.load_records`
@@ -211,17 +206,9 @@ def label_images(
     (another URI, or another size or modification time of its file) refuses the run, naming the
     first few; ``relabel_changed`` labels them again instead (the old rows are withdrawn through
     commits; committed files are never deleted).
-
-    ``debug`` (tests only): ``stop_after_commits`` (raise :class:`LabelJobInterrupted` after that
-    many commits of this run), ``pause_after_commits`` (sleep there, to be killed from outside;
-    also read from ``IRNET_RAY_TEST_PAUSE_AFTER_COMMITS`` so a test can pause a CLI process),
-    ``kill_at_image`` + ``kill_marker`` (see ``LabelActor``).
     """
     log = log or (lambda message: None)
     started = time.perf_counter()
-    debug = dict(debug or {})
-    if os.environ.get(_PAUSE_ENV):
-        debug.setdefault("pause_after_commits", int(os.environ[_PAUSE_ENV]))
     run_id = uuid.uuid4().hex[:12]
     if not isinstance(config, LabelJobConfig):
         raise TypeError(f"config must be a LabelJobConfig, got {type(config).__name__}")
@@ -240,14 +227,14 @@ def label_images(
            "irnet_ray_version": __version__}  # fmt: skip
     with open_output(output, job, storage_options, overwrite, run_id, _commit_summary(vocabulary.num_classes),
                      lease=lease, allow_local_output_on_cluster=allow_local_output_on_cluster) as (state, committer):
-        plan = plan_table(table, committed_table(committer.standing), vocabulary.num_classes, run_id)
+        plan = plan_table(table, committer.committed_table(), vocabulary.num_classes, run_id)
         changed = plan.changed.num_rows
         if changed:
             if not relabel_changed:
                 raise cl.JobInputError(_changed_message(output, plan.changed))
             keys = zip(plan.changed.column("image_id").to_pylist(), plan.changed.column("occurrence").to_pylist())
             committer.withdraw(keys)
-            plan = plan_table(table, committed_table(committer.standing), vocabulary.num_classes, run_id)
+            plan = plan_table(table, committer.committed_table(), vocabulary.num_classes, run_id)
         pending, input_errors, skipped = plan.pending, plan.errors, plan.skipped
         log(f"labeling {len(pending)} image(s) into {output} ({skipped} already committed, "
             f"{len(committer.retried)} earlier transient failure(s) retried, "
@@ -274,12 +261,12 @@ def label_images(
                                "ground_truth": ground_truth if config.evaluate else None},
                 actor=LabelActor,
                 actor_kwargs={"models": models, "options": storage_options, "settings": settings, "run_id": run_id,
-                              "config_id": config_id, "debug": debug},
+                              "config_id": config_id},
                 write_kwargs={"output": output, "options": storage_options, "data_schema": of.LABEL_SCHEMA,
                               "large_columns": LARGE_COLUMNS, "run_id": run_id, "summarize": summarize_rows},
                 rows_per_file=config.rows_per_file,
             )  # fmt: skip
-            run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, debug=debug, log=log)
+            run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, log=log)
         labeling_seconds = time.perf_counter() - labeling_started
 
         expected = pa.concat_arrays([

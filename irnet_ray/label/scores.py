@@ -29,7 +29,7 @@ from irnet_ray.data.sources import load_synthetic, read_voc_masks
 from irnet_ray.data.storage import StorageOptions, read_bytes
 from irnet_ray.evaluation import InstanceEvaluator, SemanticEvaluator
 
-__all__ = ["BASELINES", "GroundTruth", "load_ground_truth", "pack_ground_truth", "unpack_ground_truth", "score_image",
+__all__ = ["BASELINES", "baseline_predictions", "GroundTruth", "load_ground_truth", "pack_ground_truth", "unpack_ground_truth", "score_image",
            "ScoreBoard"]
 
 IOU_THRESHOLDS = (0.5, 0.7)
@@ -99,6 +99,31 @@ def unpack_ground_truth(data: bytes) -> GroundTruth | None:
 #: exists: raw CAM argmax (semantic), connected components of it (instances), and connected
 #: components of the boundary-propagated semantic labels ("CAM + class boundary").
 BASELINES = ("cam", "cam_components", "boundary_components")
+
+
+def baseline_predictions(highres_cams: np.ndarray, cam_classes: np.ndarray, synthesized: np.ndarray,
+                         background: float, size: tuple[int, int]) -> dict[str, tuple]:  # fmt: skip
+    """The :data:`BASELINES` of one image, as :func:`score_image` takes them, at ``size``.
+
+    ``highres_cams`` (K, H, W) and ``cam_classes`` (K,): the image's full-resolution CAMs;
+    ``synthesized`` (H, W): the semantic labels of the walk. ``cam``: raw-CAM labels (a constant
+    ``background`` plane, then argmax); ``cam_components``: every 4-connected component of a
+    raw-CAM class mask is one instance scored by its class's max CAM inside it;
+    ``boundary_components``: the same over ``synthesized``.
+    """
+    import torch
+
+    from irnet_ray.data.output_format import resize_nearest
+    from irnet_ray.models.cam import cam_semantic_labels
+    from irnet_ray.synthesis import cam_connected_components
+
+    highres, classes = np.asarray(highres_cams, dtype=np.float32), np.asarray(cam_classes, dtype=np.int64)
+    cam_labels = cam_semantic_labels(torch.from_numpy(highres), torch.from_numpy(classes), background).numpy()
+    out = {"cam": (resize_nearest(cam_labels, size), None, None, None)}
+    for name, semantic in (("cam_components", cam_labels), ("boundary_components", np.asarray(synthesized))):
+        parts = cam_connected_components(semantic, highres, classes)
+        out[name] = (None, resize_nearest(parts.masks, size), parts.classes, parts.scores)
+    return out
 
 
 def score_image(

@@ -16,7 +16,6 @@ for an error row) plus the error, score and timing columns.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pyarrow as pa
@@ -27,7 +26,7 @@ from irnet_ray.data.storage import StorageOptions
 from irnet_ray.model_files import ModelPair, load_model_pair
 from irnet_ray.pipeline.stages import ERROR_COLUMNS, FINGERPRINT, ModelActor, text_of
 
-from .scores import load_ground_truth, pack_ground_truth, score_image, unpack_ground_truth
+from .scores import baseline_predictions, load_ground_truth, pack_ground_truth, score_image, unpack_ground_truth
 
 __all__ = ["STAGES", "STREAM_SCHEMA", "LARGE_COLUMNS", "ground_truth", "LabelActor", "summarize_rows"]
 
@@ -63,16 +62,12 @@ def ground_truth(batch: dict, i: int, uri: str, size: tuple[int, int], options: 
 
 
 class LabelActor(ModelActor):
-    """Labels decoded rows with both models, loaded once per actor (see the module doc).
-
-    ``debug`` (tests only): ``{"kill_at_image": n, "kill_marker": path}`` ends this process
-    abruptly when it reaches its n-th image, once (the marker file remembers it).
-    """
+    """Labels decoded rows with both models, loaded once per actor (see the module doc)."""
 
     schema = STREAM_SCHEMA
 
     def __init__(self, models: ModelPair, options: StorageOptions, settings: dict, run_id: str, config_id: str,
-                 threads: int, use_gpu: bool, debug: dict | None = None, **guard) -> None:  # fmt: skip
+                 threads: int, use_gpu: bool, **guard) -> None:  # fmt: skip
         from .config import config_from_settings
 
         super().__init__(threads, use_gpu, **guard)
@@ -80,16 +75,6 @@ class LabelActor(ModelActor):
         self.cam, self.irn = cam.to(self.device).eval(), irn.to(self.device).eval()
         self.cam_config, self.synthesis_config = config_from_settings(settings)
         self.models, self.run_id, self.config_id = models, run_id, config_id
-        self.debug = dict(debug or {})
-        self.images_started = 0
-
-    def _maybe_fail_for_test(self, count: int) -> None:
-        marker = self.debug.get("kill_marker")
-        at = int(self.debug.get("kill_at_image", -1))
-        if marker and self.images_started < at <= self.images_started + count and not os.path.exists(marker):
-            with open(marker, "w") as f:
-                f.write(str(os.getpid()))
-            os._exit(1)
 
     def base_fields(self, row: dict) -> dict:
         return {**super().base_fields(row), "run_id": self.run_id, "gt_error": str(row["gt_error"]),
@@ -98,8 +83,6 @@ class LabelActor(ModelActor):
     def process(self, rows: list[dict]) -> list[dict]:
         from irnet_ray.inference import label_batch
 
-        self._maybe_fail_for_test(len(rows))
-        self.images_started += len(rows)
         timings: dict[str, float] = {}
         classes = [self.base_fields(row)["classes"] for row in rows]
         results = label_batch(self.cam, self.irn, [row_image(row) for row in rows], classes, self.cam_config,
@@ -126,30 +109,17 @@ class LabelActor(ModelActor):
             try:
                 semantic = of.resize_nearest(labels.semantic, size)
                 masks = of.resize_nearest(labels.instances.masks, size)
+                cams = inference.cams
+                baselines = baseline_predictions(cams.highres.cpu().numpy(), cams.classes.cpu().numpy(), labels.semantic,
+                                                 self.cam_config.eval_background_threshold, size)  # fmt: skip
                 record = score_image(len(self.models.vocabulary), semantic, masks, labels.instances.classes,
-                                     labels.instances.scores, gt, self._baselines(inference, labels, size))  # fmt: skip
+                                     labels.instances.scores, gt, baselines)  # fmt: skip
                 out["score"] = json.dumps(record, separators=(",", ":"))
             except Exception as exc:  # noqa: BLE001 - e.g. ground truth with values outside the classes
                 out["gt_error"] = text_of(exc)
         timings["score"] = time.perf_counter() - started + float(row["t_gt"])
         out.update({f"t_{stage}": float(timings.get(stage, 0.0)) for stage in _ACTOR_STAGES})
         return out
-
-    def _baselines(self, inference, labels, size: tuple[int, int]) -> dict[str, tuple]:
-        """The paper's comparison rows for this image (:data:`~.scores.BASELINES`), at ``size``."""
-        from irnet_ray.models.cam import cam_semantic_labels
-        from irnet_ray.synthesis import cam_connected_components
-
-        cams = inference.cams
-        highres, classes = cams.highres.cpu().numpy(), cams.classes.cpu().numpy()
-        cam_labels = cam_semantic_labels(cams.highres, cams.classes, self.cam_config.eval_background_threshold)
-        cam_labels = cam_labels.cpu().numpy()
-        out = {"cam": (of.resize_nearest(cam_labels, size), None, None, None)}
-        for name, semantic in (("cam_components", cam_labels), ("boundary_components", labels.semantic)):
-            parts = cam_connected_components(semantic, highres, classes)
-            out[name] = (None, of.resize_nearest(parts.masks, size), parts.classes, parts.scores)
-        return out
-
 
 
 def summarize_rows(rows: list[dict], good: list[int]) -> dict:

@@ -9,7 +9,9 @@ Layout of an output folder (local path or ``s3://`` prefix)::
     data/part-*.parquet  the job's rows (labeling: irnet_ray.data.output_format.LABEL_SCHEMA)
     errors/errors-*.parquet  per-image failures (ERROR_SCHEMA), written when the run finishes
     _commits/NNNNNNNN.json   one record per committed data file (its image ids, its errors,
-                         its score record and stage timings); written by the driver only
+                         its inputs, its score record and stage timings); written by the driver only
+    _commits/snapshot-NNNNNNNN.parquet  the records 0..NNNNNNNN in one Parquet file (a
+                         compacted copy: a rerun reads it and the records after it)
     _lease/NNNNNNNN.json the running writer's lease (:mod:`.lease`); absent when no run writes
     _manifest.json       written last: the files, counts, settings, models, metrics, timings
 
@@ -36,19 +38,33 @@ Protocol (the driver is the only committer; every write is atomic, see ``storage
 5. A rerun reads the commit records, skips committed images and processes the rest; a rerun
    with other models or settings is refused unless it starts over (``overwrite``), which
    deletes ``_manifest.json`` first, so the folder is visibly unfinished while it is cleared.
+6. The log compacts: every :data:`SNAPSHOT_EVERY` commits and before the manifest, the driver
+   writes ``snapshot-NNNNNNNN.parquet``, a copy of records 0..NNNNNNNN (:func:`write_snapshot`).
+   A reader takes the newest snapshot it can read and the JSON records after it
+   (:func:`read_commit_log`): one GET instead of one per commit. The JSON records stay (they
+   are the log; a snapshot is only a faster way to read it): an unreadable snapshot is skipped
+   and the records it covers are read one by one.
+
+In memory the per-image ``inputs`` of the records (image id, occurrence, URI, fingerprint: ~90%
+of a record's size) are held as one Arrow table (:data:`INPUTS_SCHEMA`), not as Python lists, and
+the committed keys as :class:`CommittedKeys` (16 bytes a key): the driver of a rerun over
+ImageNet's 1.28M images holds no Python object per image but the ids of the records.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import posixpath
 import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -79,11 +95,18 @@ __all__ = [
     "JobInputError",
     "CommitConflict",
     "Committer",
-    "plan_records",
     "OutputState",
     "prepare_output",
     "clear_output",
     "read_commits",
+    "read_commit_log",
+    "write_snapshot",
+    "split_inputs",
+    "INPUTS_SCHEMA",
+    "COMMITTED_SCHEMA",
+    "committed_table",
+    "CommittedKeys",
+    "files_exist",
     "write_commit",
     "commit_keys",
     "effective_commits",
@@ -102,6 +125,16 @@ COMMITS = "_commits"
 DATA = "data"
 ERRORS = "errors"
 _COMMIT_NAME = re.compile(r"^(\d{8})\.json$")
+_SNAPSHOT_NAME = re.compile(r"^snapshot-(\d{8})\.parquet$")
+#: The driver writes a snapshot of the commit log after every this many commits (and before the
+#: manifest): a rerun after a crash reads at most this many JSON records one by one.
+SNAPSHOT_EVERY = 1000
+#: The per-image inputs of commit records (what each committed key was made from), in memory.
+INPUTS_SCHEMA = pa.schema([("sequence", pa.int64()), ("image_id", pa.string()), ("occurrence", pa.int64()),
+                           ("uri", pa.string()), ("fingerprint", pa.string())])  # fmt: skip
+#: The committed keys of an output with what each was made from (``reason`` null: a data row).
+COMMITTED_SCHEMA = pa.schema([("image_id", pa.string()), ("occurrence", pa.int64()), ("uri", pa.string()),
+                              ("fingerprint", pa.string()), ("reason", pa.string()), ("path", pa.string())])  # fmt: skip
 _READ_THREADS = 16
 #: Folders of the output that are not the job's own record (the lease, see :mod:`.lease`).
 _NOT_OUTPUT = ("_lease/",)
@@ -120,8 +153,10 @@ class OutputState:
     """What an output folder already holds when a run starts."""
 
     job: dict
+    #: Commit records in commit order, without their ``inputs`` (those are in :attr:`inputs`).
     commits: list[dict] = field(default_factory=list)
     previous_manifest: dict | None = None
+    inputs: pa.Table = field(default_factory=INPUTS_SCHEMA.empty_table)
 
     @property
     def next_sequence(self) -> int:
@@ -171,7 +206,8 @@ def prepare_output(output: str, job: dict, options: StorageOptions, overwrite: b
             )
         else:
             manifest = read_manifest(output, options)
-            return OutputState(job=old, commits=read_commits(output, options), previous_manifest=manifest)
+            commits, inputs = read_commit_log(output, options)
+            return OutputState(job=old, commits=commits, previous_manifest=manifest, inputs=inputs)
     elif exists(output, options):
         prefix = join(output, "")
         files = [f for f in list_files(output, options)
@@ -209,23 +245,114 @@ def _parallel_read(uris: list[str], options: StorageOptions) -> list[dict]:
         return list(pool.map(lambda u: _json(u, options), uris))
 
 
-def read_commits(output: str, options: StorageOptions) -> list[dict]:
-    """Every commit record of ``output``, in commit order; raises if a committed file is gone."""
-    uris = [u for u in _listing(join(output, COMMITS), options, ".json") if _COMMIT_NAME.match(u.rsplit("/", 1)[-1])]
-    commits = sorted(_parallel_read(uris, options), key=lambda c: int(c["sequence"]))
+def read_commit_log(output: str, options: StorageOptions) -> tuple[list[dict], pa.Table]:
+    """Every commit record of ``output`` in commit order, without its ``inputs``, and the inputs of
+    them all as one :data:`INPUTS_SCHEMA` table: the newest readable snapshot and the JSON records
+    after it (every JSON record when there is none). Raises if a committed file is gone."""
+    records: dict[int, str] = {}
+    snapshots: list[tuple[int, str]] = []
+    for uri in _listing(join(output, COMMITS), options):
+        name = uri.rsplit("/", 1)[-1]
+        if match := _COMMIT_NAME.match(name):
+            records[int(match.group(1))] = uri
+        elif match := _SNAPSHOT_NAME.match(name):
+            snapshots.append((int(match.group(1)), uri))
+    commits, inputs, covered = [], INPUTS_SCHEMA.empty_table(), -1
+    for last, uri in sorted(snapshots, reverse=True):
+        try:
+            commits, inputs = read_snapshot(uri, options)
+            covered = last
+            break
+        except (StorageError, OSError, pa.ArrowException, ValueError, KeyError, TypeError) as exc:
+            # The JSON records are the log; a snapshot only saves reading them one by one.
+            warnings.warn(f"commit-log snapshot {uri} is unreadable ({type(exc).__name__}: {exc}); reading the "
+                          "records it covers instead", stacklevel=2)  # fmt: skip
+    newer = [uri for sequence, uri in sorted(records.items()) if sequence > covered]
+    later, later_inputs = split_inputs(sorted(_parallel_read(newer, options), key=lambda c: int(c["sequence"])))
+    commits += later
+    inputs = pa.concat_tables([inputs, later_inputs]) if later_inputs.num_rows else inputs
     named = [c for c in commits if c.get("file")]
     if named:
-        found = _files_exist(output, [c["file"]["path"] for c in named], options)
+        found = files_exist(output, [c["file"]["path"] for c in named], options)
         for commit, there in zip(named, found):
             if not there:
                 raise JobInputError(
                     f"output {output} is damaged: {commit['file']['path']} (commit {commit['sequence']}) is missing; "
                     "pass --overwrite (overwrite=True) to start over"
                 )
-    return commits
+    return commits, inputs
 
 
-def _files_exist(output: str, paths: list[str], options: StorageOptions) -> list[bool]:
+def read_commits(output: str, options: StorageOptions) -> list[dict]:
+    """Every commit record of ``output`` in commit order, as written (``inputs`` lists included):
+    for tools and tests; jobs use :func:`read_commit_log`, which keeps the inputs columnar."""
+    commits, inputs = read_commit_log(output, options)
+    return attach_inputs(commits, inputs)
+
+
+def split_inputs(records: Sequence[dict]) -> tuple[list[dict], pa.Table]:
+    """``records`` without their ``inputs`` lists, and those lists as one :data:`INPUTS_SCHEMA` table."""
+    columns: dict[str, list] = {name: [] for name in INPUTS_SCHEMA.names}
+    light = []
+    for position, record in enumerate(records):
+        sequence = int(record.get("sequence", position))
+        for image_id, occurrence, uri, fingerprint in record.get("inputs") or []:
+            for name, value in zip(INPUTS_SCHEMA.names, (sequence, str(image_id), int(occurrence), uri, fingerprint)):
+                columns[name].append(value)
+        light.append({k: v for k, v in record.items() if k != "inputs"} if "inputs" in record else record)
+    return light, pa.table(columns, schema=INPUTS_SCHEMA)
+
+
+def attach_inputs(records: Sequence[dict], inputs: pa.Table) -> list[dict]:
+    """The records with their ``inputs`` lists put back (as :func:`write_commit` writes them)."""
+    by_sequence: dict[int, list] = collections.defaultdict(list)
+    for row in inputs.to_pylist():
+        by_sequence[row["sequence"]].append([row["image_id"], row["occurrence"], row["uri"], row["fingerprint"]])
+    return [r if "inputs" in r else {**r, "inputs": by_sequence.get(int(r["sequence"]), [])} for r in records]
+
+
+def _snapshot_table(commits: Sequence[dict], inputs: pa.Table) -> pa.Table:
+    sequences = np.array([int(c["sequence"]) for c in commits], dtype=np.int64)
+    if len(sequences) > 1 and not (np.diff(sequences) > 0).all():
+        raise ValueError("commit records must be in commit order")
+    inputs = inputs.filter(pc.is_in(inputs.column("sequence"), value_set=pa.array(sequences)))
+    inputs = inputs.take(pc.sort_indices(inputs.column("sequence")))  # Arrow's sort is stable
+    counts = np.bincount(np.searchsorted(sequences, inputs.column("sequence").to_numpy()), minlength=len(sequences))
+    fields = INPUTS_SCHEMA.names[1:]
+    struct = pa.StructArray.from_arrays([inputs.column(n).combine_chunks() for n in fields], fields=[
+        INPUTS_SCHEMA.field(n) for n in fields])  # fmt: skip
+    lists = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(counts)], pa.int32()), struct)
+    records = [json.dumps({k: v for k, v in c.items() if k != "inputs"}, sort_keys=True, separators=(",", ":"),
+                          allow_nan=False) for c in commits]  # fmt: skip
+    return pa.table({"sequence": sequences, "record": pa.array(records, pa.string()), "inputs": lists})
+
+
+def write_snapshot(output: str, commits: Sequence[dict], inputs: pa.Table, options: StorageOptions) -> str | None:
+    """Write ``_commits/snapshot-<last sequence>.parquet``: ``commits`` (every record of the log,
+    in commit order, without inputs) with their ``inputs``, one row per record. Returns its
+    relative path (``None`` for an empty log). Written whole and atomically, after the records
+    it copies: a reader finds either the records alone or the records and a complete snapshot."""
+    if not commits:
+        return None
+    name = f"snapshot-{int(commits[-1]['sequence']):08d}.parquet"
+    write_table(join(output, COMMITS), name, _snapshot_table(commits, inputs), options)
+    return f"{COMMITS}/{name}"
+
+
+def read_snapshot(uri: str, options: StorageOptions) -> tuple[list[dict], pa.Table]:
+    """The records (without inputs) and the inputs table of a snapshot file."""
+    table = read_table(uri, options)
+    commits = [json.loads(text) for text in table.column("record").to_pylist()]
+    if [int(c["sequence"]) for c in commits] != table.column("sequence").to_pylist():
+        raise ValueError("its sequence column does not match its records")
+    lists = table.column("inputs").combine_chunks()
+    flat = lists.flatten()
+    sequence = pc.take(table.column("sequence").combine_chunks(), pc.list_parent_indices(lists))
+    inputs = pa.Table.from_arrays([sequence] + [flat.field(n) for n in INPUTS_SCHEMA.names[1:]], schema=INPUTS_SCHEMA)
+    return commits, inputs
+
+
+def files_exist(output: str, paths: list[str], options: StorageOptions) -> list[bool]:
     """Whether each relative ``path`` of ``output`` exists: one listing per folder they are in
     (``data/``: one LIST request per 1,000 files on S3) instead of one HEAD request per file
     (20,000 HEADs for an output of 20,000 commits). A folder that cannot be listed (e.g. a key
@@ -301,6 +428,103 @@ def transient_errors(commits: Iterable[dict]) -> list[tuple[str, int]]:
     """Keys of the standing errors whose reason may go away on a retry (:data:`TRANSIENT_REASONS`)."""
     return [error_key(e) for c in effective_commits(commits) for e in c.get("errors", [])
             if e.get("reason") in of.TRANSIENT_REASONS]  # fmt: skip
+
+
+def committed_table(commits: Iterable[dict], retried: Iterable[tuple[str, int]] = (),
+                    inputs: pa.Table | None = None) -> pa.Table:  # fmt: skip
+    """The standing committed keys of ``commits`` (:data:`COMMITTED_SCHEMA`; withdrawn errors and
+    replaced files left out) with the URI and fingerprint each was made from (null for records
+    written before fingerprints existed); ``retried`` keys (transient errors a run tries again)
+    are left out. ``inputs``: the records' inputs table (:func:`read_commit_log`); without it,
+    the records carry their ``inputs`` lists."""
+    if inputs is None:
+        commits, inputs = split_inputs(list(commits))
+    retried = {(str(i), int(o)) for i, o in retried}
+    names = ("sequence", "image_id", "occurrence", "error_uri", "reason", "path")
+    columns: dict[str, list] = {name: [] for name in names}
+    for position, commit in enumerate(effective_commits(commits)):
+        sequence, path = int(commit.get("sequence", position)), (commit.get("file") or {}).get("path")
+        ids = [str(i) for i in commit.get("image_ids", [])]
+        for name, values in zip(names, ([sequence] * len(ids), ids, [0] * len(ids), [None] * len(ids),
+                                        [None] * len(ids), [path] * len(ids))):  # fmt: skip
+            columns[name] += values
+        for e in commit.get("errors", []):
+            key = error_key(e)
+            if key not in retried:
+                for name, value in zip(names, (sequence, key[0], key[1], e.get("uri"), e["reason"], None)):
+                    columns[name].append(value)
+    keys = pa.table(columns, schema=pa.schema([("sequence", pa.int64()), ("image_id", pa.string()),
+                    ("occurrence", pa.int64()), ("error_uri", pa.string()), ("reason", pa.string()),
+                    ("path", pa.string())]))  # fmt: skip
+    joined = keys.join(inputs, keys=["sequence", "image_id", "occurrence"], join_type="left outer")
+    uri = pc.coalesce(joined.column("uri"), joined.column("error_uri"))
+    return pa.Table.from_arrays([joined.column("image_id"), joined.column("occurrence"), uri,
+                                 joined.column("fingerprint"), joined.column("reason"), joined.column("path")],
+                                schema=COMMITTED_SCHEMA)  # fmt: skip
+
+
+def _inputs_of(inputs: pa.Table, sequence: int) -> list[list]:
+    """The ``inputs`` list of record ``sequence``, from the log's inputs table."""
+    rows = inputs.filter(pc.equal(inputs.column("sequence"), sequence)).to_pylist()
+    return [[r["image_id"], r["occurrence"], r["uri"], r["fingerprint"]] for r in rows]
+
+
+def _digest(key: tuple[str, int]) -> bytes:
+    return hashlib.blake2b(f"{key[0]}\x1f{int(key[1])}".encode("utf-8"), digest_size=16).digest()
+
+
+class CommittedKeys:
+    """A set of (image id, occurrence) keys sized for millions of images.
+
+    The keys an output held when the run started are a sorted array of their 128-bit BLAKE2b
+    digests (16 bytes a key, against ~150 for a tuple in a Python set; two keys share a digest as
+    rarely as two data files share a content name); what the run commits or withdraws since is
+    kept in small Python sets.
+    """
+
+    def __init__(self, keys: Iterable[tuple[str, int]] = ()) -> None:
+        digests = np.array(sorted({_digest(k) for k in keys}), dtype="S16")
+        self._earlier = digests if len(digests) else np.empty(0, dtype="S16")
+        self._added: set[tuple[str, int]] = set()
+        self._removed: set[tuple[str, int]] = set()
+
+    def _held_before(self, key: tuple[str, int]) -> bool:
+        # Searched from both sides: NumPy's byte strings drop trailing NUL bytes when read back,
+        # so an element is not compared with ``==``.
+        digest = np.array(_digest(key), dtype="S16")
+        return bool(np.searchsorted(self._earlier, digest, "left") != np.searchsorted(self._earlier, digest, "right"))
+
+    def __contains__(self, key) -> bool:
+        key = (str(key[0]), int(key[1]))
+        return key in self._added or (key not in self._removed and self._held_before(key))
+
+    def __len__(self) -> int:
+        return len(self._earlier) - len(self._removed) + sum(1 for k in self._added if not self._held_before(k))
+
+    def add(self, key: tuple[str, int]) -> None:
+        key = (str(key[0]), int(key[1]))
+        self._removed.discard(key)
+        self._added.add(key)
+
+    def discard(self, key: tuple[str, int]) -> None:
+        key = (str(key[0]), int(key[1]))
+        self._added.discard(key)
+        if self._held_before(key):
+            self._removed.add(key)
+
+    def __ior__(self, keys: Iterable[tuple[str, int]]) -> "CommittedKeys":
+        for key in keys:
+            self.add(key)
+        return self
+
+    def __isub__(self, keys: Iterable[tuple[str, int]]) -> "CommittedKeys":
+        for key in keys:
+            self.discard(key)
+        return self
+
+    def missing(self, keys: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The ``keys`` not in the set, sorted."""
+        return sorted(k for k in keys if k not in self)
 
 
 def committed_files(commits: Iterable[dict]) -> list[dict]:
@@ -389,41 +613,7 @@ def write_manifest(output: str, manifest: dict, options: StorageOptions) -> None
 
 
 # --------------------------------------------------------------------------------------
-# the driver's side: which input rows to send, and committing what comes back
-
-
-def plan_records(records: Sequence, committed: set, num_classes: int, run_id: str):
-    """``(pending records, error rows found in the listing, number already committed)``.
-
-    A repeated image id, an image without classes and a class id outside the models' classes
-    are refused per row (reasons ``duplicate_id``, ``no_classes``, ``class_out_of_range``).
-    """
-    pending, errors, skipped = [], [], 0
-    listed = collections.Counter(r.image_id for r in records)
-    occurrences: collections.Counter = collections.Counter()
-    for record in records:
-        occurrence = occurrences[record.image_id]
-        occurrences[record.image_id] += 1
-        if (record.image_id, occurrence) in committed:
-            skipped += 1
-            continue
-        reason = message = None
-        if listed[record.image_id] > 1:
-            # Output rows are keyed by image id and no row can be told to be the right one
-            # (first-wins would depend on row order): every row of a repeated id is refused.
-            reason = "duplicate_id"
-            message = f"image id {record.image_id!r} is listed {listed[record.image_id]} times (this is row {occurrence + 1} of them)"
-        elif not record.classes:
-            reason, message = "no_classes", "the image has no image-level classes: nothing to localise"
-        elif max(record.classes) > num_classes:
-            reason = "class_out_of_range"
-            message = f"class id {max(record.classes)} is outside the models' classes 1..{num_classes}"
-        if reason is None:
-            pending.append(record)
-        else:
-            errors.append(of.error_row(image_id=record.image_id, uri=record.uri, classes=record.classes, stage="input",
-                                       reason=reason, message=message, run_id=run_id, occurrence=occurrence))  # fmt: skip
-    return pending, errors, skipped
+# the driver's side: committing what comes back (which input rows to send: :mod:`.planning`)
 
 
 #: ``summarize(meta, committed image ids) -> extra fields`` of a job's commit records (labeling
@@ -446,7 +636,9 @@ class Committer:
         self.output, self.options, self.run_id, self.lease = output, options, run_id, lease
         self.started = started if started is not None else (lease.created if lease is not None else time.time())
         self.summarize = summarize or (lambda meta, ids: {})
+        #: The log's records in commit order, without their inputs (see :attr:`inputs`).
         self.commits = list(state.commits)
+        self._inputs = [state.inputs]
         self.sequence = state.next_sequence
         self.processed = self.errors = self.repaired = self.duplicates = 0
         #: Paths of every data file delivered to this committer (committed, repaired or not).
@@ -455,14 +647,36 @@ class Committer:
         self.committed_paths = {f["path"] for f in committed_files(self.commits)}
         #: Whether a local output may be written from several nodes (set by ``pipeline.run.open_output``).
         self.allow_local_output_on_cluster = False
+        #: The sequence number the newest snapshot covers (:func:`write_snapshot`).
+        self.snapshot_sequence = -1
         # Transient failures of earlier runs are tried again: withdrawn first (a commit of its
         # own), so a rerun stopped half-way still knows they are not done.
         self.retried = transient_errors(self.commits)
         if self.retried:
             self._write({"file": None, "image_ids": [], "errors": [], "withdrawn": [list(k) for k in self.retried]})
-        self.committed: set[tuple[str, int]] = set()
-        for commit in effective_commits(self.commits):
-            self.committed |= commit_keys(commit)
+        self.committed = CommittedKeys(k for commit in effective_commits(self.commits) for k in commit_keys(commit))
+
+    @property
+    def inputs(self) -> pa.Table:
+        """The inputs of every record of the log (:data:`INPUTS_SCHEMA`)."""
+        if len(self._inputs) > 1:
+            self._inputs = [pa.concat_tables(self._inputs).combine_chunks()]
+        return self._inputs[0]
+
+    def committed_table(self, retried: Iterable[tuple[str, int]] = ()) -> pa.Table:
+        """The standing committed keys (:func:`committed_table`)."""
+        return committed_table(self.standing, retried, self.inputs)
+
+    def snapshot(self) -> str | None:
+        """Write a snapshot of the log as it stands (:func:`write_snapshot`); nothing when the newest
+        one is current. Returns the snapshot's relative path."""
+        if not self.commits or int(self.commits[-1]["sequence"]) == self.snapshot_sequence:
+            return None
+        if self.lease is not None:
+            self.lease.check()
+        path = write_snapshot(self.output, self.commits, self.inputs, self.options)
+        self.snapshot_sequence = int(self.commits[-1]["sequence"])
+        return path
 
     def _write(self, fields: dict) -> dict:
         if self.lease is not None:
@@ -471,9 +685,14 @@ class Committer:
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "time": time.time(), **fields}  # fmt: skip
         write_commit(self.output, record, self.options)
         self.sequence += 1
-        self.commits.append(record)
+        [light], inputs = split_inputs([record])
+        self.commits.append(light)
+        if inputs.num_rows:
+            self._inputs.append(inputs)
         if record.get("file"):
             self.committed_paths.add(record["file"]["path"])
+        if self.sequence % SNAPSHOT_EVERY == 0:
+            self.snapshot()
         return record
 
     @property
@@ -488,6 +707,11 @@ class Committer:
         if file and file["path"] in self.committed_paths:
             # A retried writer task delivered a committed file again (file names are hashes of
             # the ids they hold: same name, same ids). Nothing new: the file stays as committed.
+            file, ids = None, []
+            self.duplicates += 1
+        elif file and ids and all((i, 0) in self.committed for i in ids):
+            # Every row is committed already, in other files: a re-delivery of a file that was
+            # repaired before (and so may be gone). Nothing new; it is left as an orphan.
             file, ids = None, []
             self.duplicates += 1
         counts = collections.Counter(ids)
@@ -526,18 +750,20 @@ class Committer:
         keys = {(str(i), int(o)) for i, o in keys}
         made = 0
         withdrawn_errors = []
+        inputs = self.inputs
         for commit in effective_commits(self.commits):
             withdrawn_errors += [error_key(e) for e in commit.get("errors", []) if error_key(e) in keys]
             drop = {i for i in commit.get("image_ids", []) if (str(i), 0) in keys}
             if not drop or not commit.get("file"):
                 continue
             kept = [i for i in commit["image_ids"] if i not in drop]
+            kept_ids = set(kept)
             file = copy_without(self.output, commit["file"]["path"], drop, self.options) if kept else None
             if file:
                 self.delivered.add(file["path"])
             self._write({"file": file, "image_ids": kept if file else [], "errors": [],
                          "withdrawn": [[i, 0] for i in sorted(drop)], "replaces": commit["file"]["path"],
-                         "inputs": [x for x in commit.get("inputs", []) if (str(x[0]), int(x[1])) not in keys],
+                         "inputs": [x for x in _inputs_of(inputs, int(commit["sequence"])) if x[1] == 0 and x[0] in kept_ids],
                          "timings": {}, "timed_images": 0})  # fmt: skip
             made += 1
         if withdrawn_errors:

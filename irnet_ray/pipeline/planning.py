@@ -1,9 +1,8 @@
 """Which input rows a run sends, computed on Arrow columns (no Python object per input row).
 
-The columnar twin of :func:`.commit_log.plan_records`, for image tables
-(:mod:`irnet_ray.data.columnar`): the same refusals (``duplicate_id``, ``no_classes``,
-``class_out_of_range``, with the same messages, as per-row error rows), committed keys removed by
-an anti-join (``pc.is_in``), and one more check: a committed key whose input now names another
+Both jobs (labeling, relation mining) plan here, on image tables (:mod:`irnet_ray.data.columnar`):
+refusals per row (``duplicate_id``, ``no_classes``, ``class_out_of_range``, as error rows),
+committed keys removed by an anti-join (``pc.is_in``), and one more check: a committed key whose input now names another
 file (another URI, or the same URI with another size or modification time) is *changed*: the
 job refuses the run or, asked to, relabels it (:meth:`.commit_log.Committer.withdraw`).
 
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -23,16 +21,11 @@ import pyarrow.compute as pc
 from irnet_ray.data import output_format as of
 from irnet_ray.data.storage import StorageNotFound, StorageOptions, exists, join
 
-from .commit_log import COMMITS, effective_commits, read_commits, transient_errors
+from .commit_log import COMMITS, COMMITTED_SCHEMA, committed_table, read_commit_log, transient_errors
 
 __all__ = ["Plan", "plan_table", "plan_output", "committed_table", "key_column", "COMMITTED_SCHEMA"]
 
 _KEY_SEPARATOR = "\x1f"
-
-#: The committed keys of an output with what each was made from (``reason`` null: a data row).
-COMMITTED_SCHEMA = pa.schema([("image_id", pa.string()), ("occurrence", pa.int64()), ("uri", pa.string()),
-                              ("fingerprint", pa.string()), ("reason", pa.string()), ("path", pa.string())])  # fmt: skip
-
 
 @dataclasses.dataclass
 class Plan:
@@ -56,32 +49,6 @@ def key_column(image_ids, occurrences) -> pa.Array:
     """``"<id>\\x1f<occurrence>"`` per row."""
     occurrences = pc.cast(occurrences, pa.string())
     return pc.binary_join_element_wise(image_ids, occurrences, _KEY_SEPARATOR)
-
-
-def committed_table(commits: Iterable[dict], retried: Iterable[tuple[str, int]] = ()) -> pa.Table:
-    """The standing committed keys of ``commits`` (withdrawn errors and replaced files left out)
-    with the URI and fingerprint each was made from (``None`` for records written before the
-    fingerprint existed); ``retried`` keys (transient errors a run tries again) are left out."""
-    retried = {(str(i), int(o)) for i, o in retried}
-    columns: dict[str, list] = {name: [] for name in COMMITTED_SCHEMA.names}
-
-    def add(image_id, occurrence, uri, fingerprint, reason, path):
-        for name, value in zip(COMMITTED_SCHEMA.names, (image_id, occurrence, uri, fingerprint, reason, path)):
-            columns[name].append(value)
-
-    for commit in effective_commits(commits):
-        inputs = {(str(i), int(o)): (u, f) for i, o, u, f in commit.get("inputs", [])}
-        path = (commit.get("file") or {}).get("path")
-        for image_id in commit.get("image_ids", []):
-            uri, fingerprint = inputs.get((str(image_id), 0), (None, None))
-            add(str(image_id), 0, uri, fingerprint, None, path)
-        for e in commit.get("errors", []):
-            key = (str(e["image_id"]), int(e["occurrence"]))
-            if key in retried:
-                continue
-            uri, fingerprint = inputs.get(key, (e.get("uri"), None))
-            add(key[0], key[1], uri, fingerprint, e["reason"], None)
-    return pa.table(columns, schema=COMMITTED_SCHEMA)
 
 
 def _occurrences(ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -167,8 +134,8 @@ def plan_output(output: str, table: pa.Table, num_classes: int, options: Storage
     """(the plan of ``table`` against ``output``'s commit log, transient errors a run would
     retry), read without writing anything and without Ray: a dry run."""
     try:
-        commits = read_commits(output, options) if exists(join(output, COMMITS), options) else []
+        commits, inputs = read_commit_log(output, options) if exists(join(output, COMMITS), options) else ([], None)
     except StorageNotFound:
-        commits = []
+        commits, inputs = [], None
     retried = transient_errors(commits)
-    return plan_table(table, committed_table(commits, retried), num_classes, "dry-run"), len(retried)
+    return plan_table(table, committed_table(commits, retried, inputs), num_classes, "dry-run"), len(retried)

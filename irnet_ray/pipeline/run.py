@@ -4,7 +4,7 @@ A job (labeling, relation mining) is a thin definition on top of this: its decod
 model actor class, an optional CPU stage, its data schema and what its commit records add.
 
     open_output      check the folder against the job (models + settings), read the commit log
-    plan_records     skip committed rows, refuse bad listing rows (commit_log.plan_records)
+    plan_table       skip committed rows, refuse bad listing rows (planning.plan_table)
     run_pipeline     records -> decode tasks -> actor pool -> [CPU stage] -> writer -> commits
     finish_output    every row accounted for? errors table, manifest, orphan files removed
 """
@@ -16,9 +16,7 @@ import contextlib
 import dataclasses
 import json
 import sys
-import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
@@ -27,7 +25,7 @@ import ray
 
 from irnet_ray.data.columnar import table_of_records
 from irnet_ray.data.sources import ImageRecord
-from irnet_ray.data.storage import StorageOptions, exists, is_s3, join
+from irnet_ray.data.storage import StorageOptions, is_s3
 
 from . import commit_log as cl
 from .attempts import DEFAULT_MAX_CRASHES, AttemptLedger, retry_options
@@ -35,13 +33,12 @@ from .lease import Lease, LeaseConfig
 from .resources import PoolPlan
 from .stages import decode_images, write_file
 
-__all__ = ["PipelineFailed", "TooManyErrors", "PipelineInterrupted", "CpuStage", "PipelineSpec", "LeaseConfig", "decode_memory",
+__all__ = ["PipelineFailed", "TooManyErrors", "CpuStage", "PipelineSpec", "LeaseConfig", "decode_memory",
            "open_output", "check_local_output", "run_pipeline", "finish_output"]  # fmt: skip
 
 #: Input blocks at most (each block is one decode task's worth of records).
 MAX_INPUT_BLOCKS = 2000
 #: Parallel existence checks of the committed files before the manifest is written.
-_CHECK_THREADS = 16
 
 
 class PipelineFailed(RuntimeError):
@@ -50,10 +47,6 @@ class PipelineFailed(RuntimeError):
 
 class TooManyErrors(PipelineFailed):
     """More than the allowed share of the images failed: no manifest was written."""
-
-
-class PipelineInterrupted(RuntimeError):
-    """Raised by the ``stop_after_commits`` test hook: the job stops as if killed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,19 +127,16 @@ def run_pipeline(
     plan: PoolPlan,
     *,
     max_crashes: int = DEFAULT_MAX_CRASHES,
-    debug: dict | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> int:
     """Stream ``pending`` (records, or an image table of :mod:`irnet_ray.data.columnar`) through
     the pipeline and commit every file as it arrives; returns the number of commits made. An image that ends its worker process ``max_crashes`` times becomes
-    a ``crashed_worker`` error row (:mod:`.attempts`). ``debug`` (tests): ``stop_after_commits``,
-    ``pause_after_commits``."""
-    debug = dict(debug or {})
+    a ``crashed_worker`` error row (:mod:`.attempts`)."""
     check_local_output(committer.output, committer.allow_local_output_on_cluster)
     ledger = AttemptLedger.remote()
     try:
         ds = _dataset(pending, spec, plan, {"ledger": ledger, "max_crashes": int(max_crashes)})
-        return _commit_stream(ds, committer, debug.get("stop_after_commits"), debug.get("pause_after_commits"), log)
+        return _commit_stream(ds, committer)
     finally:
         ray.kill(ledger)
 
@@ -189,7 +179,7 @@ def _dataset(pending: Sequence[ImageRecord] | pa.Table, spec: PipelineSpec, plan
                           **retry_options(0, 1, actor=False))  # fmt: skip
 
 
-def _commit_stream(ds, committer: cl.Committer, stop_after, pause_after, log) -> int:
+def _commit_stream(ds, committer: cl.Committer) -> int:
     commits = 0
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
@@ -197,12 +187,7 @@ def _commit_stream(ds, committer: cl.Committer, stop_after, pause_after, log) ->
             for meta in batch.column("meta").to_pylist():
                 committer.commit(json.loads(meta))
                 commits += 1
-                if stop_after is not None and commits >= int(stop_after):
-                    raise PipelineInterrupted(f"stopped after {commits} commit(s) (test hook)")
-                if pause_after is not None and commits >= int(pause_after):
-                    log(f"paused after {commits} commit(s) (test hook)")
-                    time.sleep(3600)
-    except (PipelineInterrupted, cl.JobInputError):
+    except cl.JobInputError:
         raise
     except Exception as exc:
         raise PipelineFailed(
@@ -227,14 +212,14 @@ def finish_output(output: str, committer: cl.Committer, expected: "set | pa.Arra
     the errors table and the manifest (``manifest`` plus the files and counts) and delete this run's
     orphans (:func:`~irnet_ray.pipeline.commit_log.delete_orphans`)."""
     if isinstance(expected, pa.Array):  # keys of planning.key_column: checked vectorised
-        from .planning import committed_table, key_column
+        from .planning import key_column
 
-        done = committed_table(committer.standing)
+        done = committer.committed_table()
         missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=key_column(done.column("image_id"),
                                                                                            done.column("occurrence")))))
         lost = [tuple(k.split("\x1f")) for k in missing.slice(0, 3).to_pylist()] + [None] * max(0, len(missing) - 3)
     else:
-        lost = sorted(expected - committer.committed)
+        lost = committer.committed.missing(expected)
     if lost:
         raise PipelineFailed(
             f"{len(lost)} image(s) never came back from the pipeline (e.g. {[k[0] for k in lost[:3]]}); "
@@ -245,6 +230,7 @@ def finish_output(output: str, committer: cl.Committer, expected: "set | pa.Arra
     errors_file = cl.write_errors_table(output, standing, options)
     data_files = cl.committed_files(standing)
     _check_files_exist(output, [f["path"] for f in data_files] + [errors_file["path"]], options)
+    committer.snapshot()  # a rerun reads the log in one request
     if committer.lease is not None:
         committer.lease.check()  # a run that lost its lease writes no manifest
     rows = sum(len(c.get("image_ids", [])) for c in standing)
@@ -277,8 +263,7 @@ def _check_files_exist(output: str, paths: list[str], options: StorageOptions) -
     """Raise :class:`PipelineFailed` naming the first missing file (no manifest may list it)."""
     if not paths:
         return
-    with ThreadPoolExecutor(max_workers=min(_CHECK_THREADS, len(paths))) as pool:
-        found = list(pool.map(lambda path: exists(join(output, path), options), paths))
+    found = cl.files_exist(output, paths, options)  # one listing per folder, not one request per file
     missing = [path for path, there in zip(paths, found) if not there]
     if missing:
         raise PipelineFailed(

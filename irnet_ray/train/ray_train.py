@@ -303,22 +303,6 @@ def _lockstep(batches, world: int):
         yield good, failed, not any_bad
 
 
-def _maybe_fail_for_test(debug: dict, epoch: int, rank: int) -> None:
-    """Test hook: kill this worker process once at the start of ``kill_at_epoch``.
-
-    It first waits ``kill_delay_s``: the controller collects reports by polling the workers
-    (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default), and a checkpoint reported
-    by a worker that dies before the next poll is lost, like in any real crash.
-    """
-    if debug.get("kill_at_epoch") == epoch and debug.get("kill_marker"):
-        marker = f"{debug['kill_marker']}.rank{rank}"
-        if not os.path.exists(marker):
-            with open(marker, "w") as f:
-                f.write(str(epoch))
-            time.sleep(float(debug.get("kill_delay_s", 5.0)))
-            os._exit(1)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train loop of both stages (``config["kind"]`` is ``"cam"`` or ``"irn"``).
 
@@ -335,7 +319,6 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(int(config.get("torch_threads", 1)))
     kind = config["kind"]
-    debug = dict(config.get("debug") or {})
     device = ray.train.torch.get_device()
     session = uuid.uuid4().hex[:8]
 
@@ -374,7 +357,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.epochs):
-        _maybe_fail_for_test(debug, epoch, rank)
         rng = np.random.default_rng([cfg.seed, epoch, rank])
         model.train()
         started = time.perf_counter()
@@ -471,8 +453,6 @@ def train_loop_per_worker(config: dict) -> None:
                     json.dump({"kind": kind, "epochs_done": epoch + 1, "history": history, "errors": failed_out}, f)
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint_out)
-        if debug.get("stop_after_epochs") and epoch + 1 == int(debug["stop_after_epochs"]):
-            raise RuntimeError(f"stopped after epoch {epoch} (debug stop_after_epochs)")
 
 
 # --------------------------------------------------------------------------------------
@@ -631,14 +611,12 @@ def train_cam_job(
     max_side: int | None = None,
     cache_decoded: bool = True,
     decode_cpus: float = rd.DEFAULT_DECODE_CPUS,
-    debug: dict | None = None,
 ) -> dict:
     """Train the CAM network on image-level labels with Ray Train; returns a summary dict.
 
     ``storage_options`` reach the images; ``run.storage_options`` the run's storage.
     ``max_side`` (default: the largest training long side, ``train.rescale_long_side[1]``)
-    bounds the decoded images. ``debug`` holds test hooks (``stop_after_epochs``,
-    ``kill_at_epoch`` + ``kill_marker``). The final model goes to ``{storage}/{name}/model/``.
+    bounds the decoded images. The final model goes to ``{storage}/{name}/model/``.
     """
     started = time.perf_counter()
     records = list(records)
@@ -670,7 +648,7 @@ def train_cam_job(
         return dataset, len(records), loop_config
 
     return _run_job("cam", run, settings, train.epochs, train.batch_size, vocabulary, scaling, cache_decoded,
-                    debug, prepare, started)  # fmt: skip
+                    prepare, started)  # fmt: skip
 
 
 def train_irn_job(
@@ -685,7 +663,6 @@ def train_irn_job(
     max_side: int | None = None,
     cache_decoded: bool = True,
     decode_cpus: float = rd.DEFAULT_DECODE_CPUS,
-    debug: dict | None = None,
 ) -> dict:
     """Train IRNet on the IR label Parquet at ``ir_label_uri`` (columns
     :data:`irnet_ray.data.ray_datasets.IR_LABEL_COLUMNS`) on the frozen backbone of the CAM
@@ -728,11 +705,11 @@ def train_irn_job(
         return dataset, count, loop_config
 
     return _run_job("irn", run, settings, irn.epochs, irn.batch_size, vocabulary, scaling, cache_decoded,
-                    debug, prepare, started)  # fmt: skip
+                    prepare, started)  # fmt: skip
 
 
 def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size: int, vocabulary: ClassVocabulary,
-             scaling: ScalingOptions, cache_decoded: bool, debug: dict | None, prepare, started: float) -> dict:
+             scaling: ScalingOptions, cache_decoded: bool, prepare, started: float) -> dict:
     """The driver flow both stages share: return a finished run's model, or resume/train it
     (``prepare()`` builds the lazy dataset, its row count and the stage's own loop settings, only
     when training is needed), then write the final model next to the run state."""
@@ -765,7 +742,6 @@ def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size
             "torch_threads": scaling.torch_threads,
             "collect_errors": not cache_decoded,
             "known_errors": errors[:_MAX_REPORTED_ERRORS],
-            "debug": dict(debug or {}),
         })  # fmt: skip
         t = time.perf_counter()
         result = _fit(kind, dataset, loop_config, scaling, run)
