@@ -179,7 +179,9 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
         commits, inputs = read_log() if mode == "columnar" else cl.split_inputs(read_every_record())
         phase("read_commits")
         retried = cl.transient_errors(commits)
-        plan = plan_table(table, committed_table(commits, retried, inputs), vocabulary.num_classes, "dry-run")
+        committed = committed_table(commits, retried, inputs)
+        del commits, inputs  # as plan_output does
+        plan = plan_table(table, committed, vocabulary.num_classes, "dry-run")
         phase("plan")
         result = {"pending": plan.pending.num_rows, "skipped": plan.skipped, "refused": len(plan.errors)}
     else:

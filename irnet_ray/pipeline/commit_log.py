@@ -134,7 +134,8 @@ INPUTS_SCHEMA = pa.schema([("sequence", pa.int64()), ("image_id", pa.string()), 
                            ("uri", pa.string()), ("fingerprint", pa.string())])  # fmt: skip
 #: The committed keys of an output with what each was made from (``reason`` null: a data row).
 COMMITTED_SCHEMA = pa.schema([("image_id", pa.string()), ("occurrence", pa.int64()), ("uri", pa.string()),
-                              ("fingerprint", pa.string()), ("reason", pa.string()), ("path", pa.string())])  # fmt: skip
+                              ("fingerprint", pa.string()), ("reason", pa.string()),
+                              ("path", pa.dictionary(pa.int32(), pa.string()))])  # fmt: skip
 _READ_THREADS = 16
 #: Folders of the output that are not the job's own record (the lease, see :mod:`.lease`).
 _NOT_OUTPUT = ("_lease/",)
@@ -440,27 +441,54 @@ def committed_table(commits: Iterable[dict], retried: Iterable[tuple[str, int]] 
     if inputs is None:
         commits, inputs = split_inputs(list(commits))
     retried = {(str(i), int(o)) for i, o in retried}
-    names = ("sequence", "image_id", "occurrence", "error_uri", "reason", "path")
-    columns: dict[str, list] = {name: [] for name in names}
+    # Data rows as Arrow from the records' id lists (no Python object per key; the file path
+    # dictionary-encoded: one string per file, not per row); error rows (few) from Python.
+    id_lists, sequences, counts, paths = [], [], [], []
+    errors: dict[str, list] = {"sequence": [], "image_id": [], "occurrence": [], "uri": [], "reason": []}
     for position, commit in enumerate(effective_commits(commits)):
-        sequence, path = int(commit.get("sequence", position)), (commit.get("file") or {}).get("path")
-        ids = [str(i) for i in commit.get("image_ids", [])]
-        for name, values in zip(names, ([sequence] * len(ids), ids, [0] * len(ids), [None] * len(ids),
-                                        [None] * len(ids), [path] * len(ids))):  # fmt: skip
-            columns[name] += values
+        sequence = int(commit.get("sequence", position))
+        if commit.get("image_ids"):
+            id_lists.append(commit["image_ids"])
+            sequences.append(sequence)
+            counts.append(len(commit["image_ids"]))
+            paths.append((commit.get("file") or {}).get("path"))
         for e in commit.get("errors", []):
             key = error_key(e)
             if key not in retried:
-                for name, value in zip(names, (sequence, key[0], key[1], e.get("uri"), e["reason"], None)):
-                    columns[name].append(value)
-    keys = pa.table(columns, schema=pa.schema([("sequence", pa.int64()), ("image_id", pa.string()),
-                    ("occurrence", pa.int64()), ("error_uri", pa.string()), ("reason", pa.string()),
-                    ("path", pa.string())]))  # fmt: skip
-    joined = keys.join(inputs, keys=["sequence", "image_id", "occurrence"], join_type="left outer")
-    uri = pc.coalesce(joined.column("uri"), joined.column("error_uri"))
-    return pa.Table.from_arrays([joined.column("image_id"), joined.column("occurrence"), uri,
-                                 joined.column("fingerprint"), joined.column("reason"), joined.column("path")],
+                for name, value in zip(errors, (sequence, key[0], key[1], e.get("uri"), e["reason"])):
+                    errors[name].append(value)
+    rows = int(sum(counts))
+    data = pa.table({
+        "sequence": pa.array(np.repeat(np.asarray(sequences, dtype=np.int64), counts), pa.int64()),
+        "image_id": pa.array((str(i) for ids in id_lists for i in ids), pa.string(), size=rows),
+        "occurrence": pa.array(np.zeros(rows, dtype=np.int64)), "error_uri": pa.nulls(rows, pa.string()),
+        "reason": pa.nulls(rows, pa.string()),
+    })  # fmt: skip
+    failed = pa.table({
+        "sequence": pa.array(errors["sequence"], pa.int64()), "image_id": pa.array(errors["image_id"], pa.string()),
+        "occurrence": pa.array(errors["occurrence"], pa.int64()), "error_uri": pa.array(errors["uri"], pa.string()),
+        "reason": pa.array(errors["reason"], pa.string()),
+    })  # fmt: skip
+    keys = pa.concat_tables([data, failed]).combine_chunks()
+    file_of_row = pa.concat_arrays([pa.array(np.repeat(np.arange(len(counts), dtype=np.int32), counts), pa.int32()),
+                                    pa.nulls(failed.num_rows, pa.int32())])  # fmt: skip
+    path = pa.DictionaryArray.from_arrays(file_of_row, pa.array(paths, pa.string()))
+    # What each key was made from: its record's inputs row (a hash lookup, not a join that would
+    # copy every column of both sides).
+    at = pc.index_in(_row_keys(keys), value_set=_row_keys(inputs))
+    uri = pc.coalesce(inputs.column("uri").take(at), keys.column("error_uri"))
+    return pa.Table.from_arrays([keys.column("image_id"), keys.column("occurrence"), uri,
+                                 inputs.column("fingerprint").take(at), keys.column("reason"), path],
                                 schema=COMMITTED_SCHEMA)  # fmt: skip
+
+
+def _row_keys(table: pa.Table) -> pa.Array:
+    """``"<sequence>\x1f<image id>\x1f<occurrence>"`` per row of a keys or inputs table."""
+    columns = [pc.cast(table.column("sequence"), pa.string()), table.column("image_id"),
+               pc.cast(table.column("occurrence"), pa.string())]  # fmt: skip
+    if not table.num_rows:
+        return pa.array([], pa.string())
+    return pc.binary_join_element_wise(*columns, "\x1f").combine_chunks()
 
 
 def _inputs_of(inputs: pa.Table, sequence: int) -> list[list]:

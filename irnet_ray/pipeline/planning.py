@@ -76,7 +76,9 @@ def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: s
     listed, occurrence = _occurrences(ids)
     keys = key_column(ids, pa.array(occurrence))
     committed_keys = key_column(committed.column("image_id"), committed.column("occurrence"))
-    done_mask = pc.is_in(keys, value_set=committed_keys)
+    # One hash lookup gives both whether a row is committed and which committed row it is.
+    at = pc.index_in(keys, value_set=committed_keys)
+    done_mask = pc.is_valid(at)
     done = np.asarray(done_mask, dtype=bool)
 
     changed = pa.table({"image_id": [], "occurrence": [], "uri": [], "old_uri": [], "fingerprint": [],
@@ -84,18 +86,17 @@ def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: s
                         ("uri", pa.string()), ("old_uri", pa.string()), ("fingerprint", pa.string()),
                         ("old_fingerprint", pa.string())]))  # fmt: skip
     if done.any():
-        now = pa.table({"key": pc.filter(keys, done_mask), "image_id": pc.filter(ids, done_mask),
-                        "occurrence": pa.array(occurrence[done]), "uri": pc.filter(table.column("uri"), done_mask),
-                        "fingerprint": pc.filter(table.column("fingerprint"), done_mask)})  # fmt: skip
-        was = pa.table({"key": committed_keys, "old_uri": committed.column("uri"),
-                        "old_fingerprint": committed.column("fingerprint")})  # fmt: skip
-        joined = now.join(was, keys="key", join_type="inner")
-        old_uri, old_print, now_print = (joined.column(c) for c in ("old_uri", "old_fingerprint", "fingerprint"))
-        other_file = pc.not_equal(joined.column("uri"), old_uri)
+        rows = pc.filter(at, done_mask)
+        uri, now_print = pc.filter(table.column("uri"), done_mask), pc.filter(table.column("fingerprint"), done_mask)
+        old_uri, old_print = committed.column("uri").take(rows), committed.column("fingerprint").take(rows)
+        other_file = pc.not_equal(uri, old_uri)
         both_known = pc.and_(pc.not_equal(pc.fill_null(old_print, ""), ""), pc.not_equal(now_print, ""))
         other_print = pc.and_(both_known, pc.not_equal(now_print, pc.fill_null(old_print, "")))
         is_changed = pc.fill_null(pc.and_(pc.is_valid(old_uri), pc.or_(other_file, other_print)), False)
-        changed = joined.filter(is_changed).select(changed.column_names).sort_by([("image_id", "ascending")])
+        if pc.any(is_changed).as_py():
+            now = pa.table({"image_id": pc.filter(ids, done_mask), "occurrence": pa.array(occurrence[done]), "uri": uri,
+                            "old_uri": old_uri, "fingerprint": now_print, "old_fingerprint": old_print})  # fmt: skip
+            changed = now.filter(is_changed).cast(changed.schema).sort_by([("image_id", "ascending")])
 
     # Refusals of the rows that are not committed.
     classes = table.column("classes")
@@ -138,4 +139,6 @@ def plan_output(output: str, table: pa.Table, num_classes: int, options: Storage
     except StorageNotFound:
         commits, inputs = [], None
     retried = transient_errors(commits)
-    return plan_table(table, committed_table(commits, retried, inputs), num_classes, "dry-run"), len(retried)
+    committed = committed_table(commits, retried, inputs)
+    del commits, inputs  # the log's records are not needed to plan: free them first (ImageNet: ~250 MB)
+    return plan_table(table, committed, num_classes, "dry-run"), len(retried)
