@@ -17,7 +17,7 @@ def _add_demo_parser(commands) -> None:
         description=(
             "Train CAM on image-level labels, mine inter-pixel relations (dense CRF), train IRNet, "
             "synthesize semantic and instance pseudo labels and evaluate them against the built-in "
-            "set's held-back masks. The defaults finish in about 10 minutes on 2 CPU cores."
+            "set's held-back masks. The defaults finish in 12-17 minutes on 2 CPU cores."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
