@@ -732,14 +732,11 @@ class Committer:
         file, ids = meta.get("file"), [str(i) for i in meta.get("image_ids", [])]
         if file:
             self.delivered.add(file["path"])
-        if file and file["path"] in self.committed_paths:
-            # A retried writer task delivered a committed file again (file names are hashes of
-            # the ids they hold: same name, same ids). Nothing new: the file stays as committed.
-            file, ids = None, []
-            self.duplicates += 1
-        elif file and ids and all((i, 0) in self.committed for i in ids):
-            # Every row is committed already, in other files: a re-delivery of a file that was
-            # repaired before (and so may be gone). Nothing new; it is left as an orphan.
+        if file and (file["path"] in self.committed_paths or (ids and all((i, 0) in self.committed for i in ids))):
+            # A duplicate: a retried writer task delivered a committed file again (file names are
+            # hashes of the ids they hold: same name, same ids), or a file whose rows are all
+            # committed in other files (one repaired before, which may be gone). Nothing new; the
+            # committed files stay as they are, an uncommitted one is left as an orphan.
             file, ids = None, []
             self.duplicates += 1
         counts = collections.Counter(ids)
