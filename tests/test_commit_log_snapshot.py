@@ -45,6 +45,7 @@ def _snapshots(output: str, options: StorageOptions) -> list[str]:
 
 def _log_with_snapshots(output: str, options: StorageOptions, monkeypatch) -> cl.Committer:
     monkeypatch.setattr(cl, "SNAPSHOT_EVERY", 3)
+    monkeypatch.setattr(cl, "_SNAPSHOT_ROW_GROUP", 2)  # snapshots of several row groups, read a group at a time
     committer = cl.Committer(output, cl.prepare_output(output, JOB, options, overwrite=False), options, "run")
     for n in range(7):
         committer.commit(_deliver(output, [f"img{n}a", f"img{n}b"], options, errors=(f"bad{n}",) if n % 2 else ()))
@@ -118,6 +119,29 @@ def test_withdrawing_a_key_read_from_a_snapshot(tmp_path, monkeypatch):
     assert replacing["withdrawn"] == [["img1a", 0]] and replacing["image_ids"] == ["img1b"]
     assert replacing["inputs"] == [["img1b", 0, "/img/img1b.png", "5:7"]]
     assert ("img1a", 0) not in rerun.committed and ("img1b", 0) in rerun.committed
+
+
+def test_keys_find_their_inputs_a_range_of_commits_at_a_time(tmp_path, monkeypatch):
+    """The keys table finds the URI and fingerprint each key was made from a slice of keys at a
+    time (bounded memory): with slices of 1 and 3 keys it equals the one made in one slice, and
+    a key withdrawn and committed again from another file takes the URI of the commit that
+    stands, not the first one that named it."""
+    output, options = str(tmp_path / "out"), StorageOptions()
+    committer = _log_with_snapshots(output, options, monkeypatch)
+    assert committer.withdraw([("img2a", 0), ("bad3", 0)]) == 2
+    again = _deliver(output, ["img2a"], options, errors=("bad3",))
+    again["inputs"] = [["img2a", 0, "/moved/img2a.png", "9:9"], ["bad3", 0, "/moved/bad3.png", "9:9"]]
+    committer.commit(again)
+    whole = committer.committed_table().sort_by("image_id")
+    by_id = {r["image_id"]: r for r in whole.to_pylist()}
+    assert (by_id["img2a"]["uri"], by_id["img2a"]["fingerprint"]) == ("/moved/img2a.png", "9:9")
+    assert (by_id["bad3"]["uri"], by_id["bad3"]["fingerprint"]) == ("/moved/bad3.png", "9:9")
+    assert (by_id["img4b"]["uri"], by_id["img4b"]["fingerprint"]) == ("/img/img4b.png", "5:7")
+    for rows in (1, 3):
+        monkeypatch.setattr(cl, "_MATCH_ROWS", rows)
+        assert committer.committed_table().sort_by("image_id") == whole
+        rerun = cl.Committer(output, cl.prepare_output(output, JOB, options, overwrite=False), options, "rerun")
+        assert rerun.committed_table().sort_by("image_id") == whole
 
 
 def _digest_ends_in_nul() -> tuple[str, int]:

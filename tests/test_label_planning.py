@@ -72,6 +72,53 @@ def test_class_cells_have_one_separator(tmp_path):
         read_manifest_table(str(tmp_path / "bad.csv"), vocabulary=VOCABULARY)
 
 
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_a_manifest_read_in_chunks_equals_one_read_whole(tmp_path, monkeypatch, fmt):
+    """The reader normalises a manifest CHUNK_ROWS rows at a time (bounded driver memory):
+    with chunks of 2 rows, the table, the vocabulary built from every chunk, the row numbers
+    and the fingerprints equal those of one chunk, and a mistake names its row in the file."""
+    import pyarrow.csv as pacsv
+
+    from irnet_ray.data import columnar
+    from irnet_ray.data.columnar import add_fingerprints
+
+    (tmp_path / "img").mkdir()
+    for name in "abcde":
+        (tmp_path / "img" / f"{name}.png").write_bytes(b"0" * (ord(name) - 90))
+    rows = {"image": [f"img/{n}.png" for n in "abcde"], "classes": ["cat", "cat|dog", "cat", "traffic light", "dog"]}
+    table = pa.table(rows)
+    manifest = tmp_path / f"m.{fmt}"
+    if fmt == "csv":
+        pacsv.write_csv(table, manifest)
+    elif fmt == "parquet":
+        pq.write_table(table, manifest, row_group_size=3)
+    else:
+        manifest.write_text("".join(f'{{"image": "{i}", "classes": "{c}"}}\n' for i, c in zip(rows["image"], rows["classes"])))
+
+    whole, whole_vocabulary = read_manifest_table(str(manifest))
+    monkeypatch.setattr(columnar, "CHUNK_ROWS", 2)
+    chunked, vocabulary = read_manifest_table(str(manifest))
+    assert vocabulary.names == whole_vocabulary.names == ("cat", "dog", "traffic light")
+    assert chunked.to_pylist() == whole.to_pylist()
+    assert chunked.column("source_row").to_pylist() == [1, 2, 3, 4, 5]
+    assert chunked.column("classes").to_pylist() == [[1], [1, 2], [1], [3], [2]]
+    prints = add_fingerprints(chunked, StorageOptions()).column("fingerprint").to_pylist()
+    assert prints == add_fingerprints(whole, StorageOptions()).column("fingerprint").to_pylist()
+    assert [int(p.split(":")[0]) for p in prints] == [7, 8, 9, 10, 11]
+
+    bad = pa.table({"image": rows["image"], "classes": ["cat", "cat", "dog", "dog", "cat dog"]})
+    bad_manifest = tmp_path / f"bad.{fmt}"
+    if fmt == "csv":
+        pacsv.write_csv(bad, bad_manifest)
+    elif fmt == "parquet":
+        pq.write_table(bad, bad_manifest, row_group_size=3)
+    else:
+        bad_manifest.write_text("".join(f'{{"image": "{i}", "classes": "{c}"}}\n' for i, c in zip(bad["image"].to_pylist(), bad["classes"].to_pylist())))
+    with pytest.raises(ValueError, match="row 5.*unknown class 'cat dog'"):
+        read_manifest_table(str(bad_manifest), vocabulary=VOCABULARY)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")

@@ -8,7 +8,9 @@ listings they need run in parallel, one request stream per folder.
 
 The tables are read in the driver with pyarrow, not with Ray Data: a manifest is one object (one
 GET), its Arrow form is ~100 bytes a row (~130 MB for ImageNet), and planning (``--dry-run``)
-then needs no Ray cluster at all. ``docs/benchmarks.md`` ("Labeling: planning") has the figures.
+then needs no Ray cluster at all. Rows are normalised :data:`CHUNK_ROWS` at a time (Parquet is
+also read that way), so the reader's intermediate columns stay a few MB instead of several
+copies of the table. ``docs/benchmarks.md`` ("Labeling: planning") has the figures.
 
 Class cells are a list column (names, or ids 1..C with a vocabulary) or a string column with
 names separated by :data:`CLASS_SEPARATOR` only (``traffic light`` is one class, ``cat|dog`` two).
@@ -25,7 +27,7 @@ import io
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +55,9 @@ __all__ = ["CLASS_SEPARATOR", "IMAGE_TABLE_SCHEMA", "read_manifest_table", "read
 CLASS_SEPARATOR = "|"
 #: Parallel listings (folders of a tree, parents of manifest images).
 LIST_THREADS = 32
+#: Manifest rows normalised at a time: each string step over all of ImageNet's 1.28M rows would
+#: hold ~100 MB of intermediates; over 64k rows, a few MB.
+CHUNK_ROWS = 65_536
 
 IMAGE_TABLE_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("classes", pa.list_(pa.int32())),
@@ -103,13 +108,19 @@ def _parents(uris: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 def add_fingerprints(table: pa.Table, options: StorageOptions) -> pa.Table:
     """``table`` with its ``fingerprint`` column from listings of its images' folders (one
-    listing per distinct folder, in parallel; no request per image)."""
-    uris = table.column("uri")
-    local_or_s3 = pc.or_(pc.starts_with(uris, "s3://"), pc.invert(pc.match_substring(uris, "://")))
-    folders = pc.unique(_parents(pc.filter(uris, local_or_s3))).to_pylist()
-    listed = list_folders([f for f in folders if f], options)
-    index = pc.index_in(uris, value_set=listed.column("uri"))
-    prints = pc.fill_null(pc.take(listed.column("fingerprint"), index), "")
+    listing per distinct folder, in parallel; no request per image). Worked :data:`CHUNK_ROWS`
+    rows at a time: a column of 1.28M folder names would be ~100 MB."""
+    chunks = [table.slice(first, CHUNK_ROWS) for first in range(0, table.num_rows, CHUNK_ROWS)]
+    folders: set[str] = set()
+    for chunk in chunks:
+        uris = chunk.column("uri")
+        local_or_s3 = pc.or_(pc.starts_with(uris, "s3://"), pc.invert(pc.match_substring(uris, "://")))
+        folders.update(pc.unique(_parents(pc.filter(uris, local_or_s3))).to_pylist())
+    listed = list_folders(sorted(f for f in folders if f), options)
+    listed_uris, listed_prints = listed.column("uri").combine_chunks(), listed.column("fingerprint").combine_chunks()
+    prints = pa.chunked_array([pc.fill_null(pc.take(listed_prints, pc.index_in(chunk.column("uri"),
+                                                                               value_set=listed_uris)), "")
+                               for chunk in chunks], pa.string())  # fmt: skip
     position = table.schema.get_field_index("fingerprint")
     if position < 0:
         return table.append_column("fingerprint", prints)
@@ -120,9 +131,8 @@ def add_fingerprints(table: pa.Table, options: StorageOptions) -> pa.Table:
 # class cells
 
 
-def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary | None, uri: str, column: str,
-                 images: pa.ChunkedArray) -> tuple[pa.Array, ClassVocabulary]:  # fmt: skip
-    """Class cells -> sorted unique class ids per row (list<int32>) and the vocabulary."""
+def _class_tokens(cells: pa.ChunkedArray | pa.Array, uri: str, column: str) -> tuple[pa.Array, np.ndarray]:
+    """Class cells -> (every class token, flattened: trimmed non-empty names or integers; the row of each)."""
     cells = cells.combine_chunks() if isinstance(cells, pa.ChunkedArray) else cells
     if pa.types.is_null(cells.type):
         cells = pa.array([None] * len(cells), pa.string())
@@ -141,53 +151,70 @@ def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary | None, uri
         flat = pc.utf8_trim_whitespace(flat)
         keep = pc.and_(pc.is_valid(flat), pc.not_equal(flat, ""))
         flat, parents = pc.filter(flat, keep), parents[np.asarray(pc.fill_null(keep, False))]
-        if vocabulary is None:
-            names = pc.unique(flat).to_pylist()
-            if not names:
-                raise ManifestError(f"manifest {uri}: no class names in column {column!r} of any row")
-            vocabulary = ClassVocabulary.from_names(names)
+    elif not pa.types.is_integer(flat.type):
+        raise ManifestError(f"manifest {uri}: column {column!r} holds {flat.type}; expected class names")
+    return flat, parents
+
+
+def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary, uri: str, column: str,
+                 images: pa.ChunkedArray, first_row: int = 1) -> pa.Array:  # fmt: skip
+    """Class cells -> sorted unique class ids per row (list<int32>); ``first_row``: the number
+    of the first cell's row in the manifest (for messages)."""
+    flat, parents = _class_tokens(cells, uri, column)
+    if pa.types.is_integer(flat.type):
+        ids = np.asarray(pc.fill_null(flat, 0), dtype=np.int64)
+        bad = np.flatnonzero((ids < 1) | (ids > vocabulary.num_classes))
+        if len(bad):
+            row = int(parents[bad[0]])
+            raise UnknownClassError(f"manifest {uri}: {_where(row + first_row, images[row].as_py())}: class id "
+                                    f"{ids[bad[0]]} out of range 1..{vocabulary.num_classes}", str(ids[bad[0]]))  # fmt: skip
+    else:
         index = pc.index_in(flat, value_set=pa.array(vocabulary.names, pa.string()))
         unknown = np.flatnonzero(np.asarray(pc.is_null(index)))
         if len(unknown):
             row = int(parents[unknown[0]])
             try:
-                vocabulary.id_of(flat[int(unknown[0])].as_py(), row=row + 1, image=images[row].as_py())
+                vocabulary.id_of(flat[int(unknown[0])].as_py(), row=row + first_row, image=images[row].as_py())
             except UnknownClassError as exc:
                 raise UnknownClassError(f"manifest {uri}: {exc}", exc.name, exc.suggestions) from None
         ids = np.asarray(index, dtype=np.int64) + 1
-    elif pa.types.is_integer(flat.type):
-        if vocabulary is None:
-            row = int(parents[0]) if len(parents) else 0
-            raise ManifestError(f"manifest {uri}: {_where(row + 1, images[row].as_py())}: class ids (numbers) need "
-                                "a vocabulary; pass vocabulary= or write class names")  # fmt: skip
-        ids = np.asarray(pc.fill_null(flat, 0), dtype=np.int64)
-        bad = np.flatnonzero((ids < 1) | (ids > vocabulary.num_classes))
-        if len(bad):
-            row = int(parents[bad[0]])
-            raise UnknownClassError(f"manifest {uri}: {_where(row + 1, images[row].as_py())}: class id "
-                                    f"{ids[bad[0]]} out of range 1..{vocabulary.num_classes}", str(ids[bad[0]]))  # fmt: skip
-    else:
-        raise ManifestError(f"manifest {uri}: column {column!r} holds {flat.type}; expected class names")
     # Sorted, unique ids per row (as ImageRecord keeps them): one sort of (row, id) pairs.
     stride = int(vocabulary.num_classes) + 2
     keys = np.unique(parents * stride + ids)
     rows, values = keys // stride, (keys % stride).astype(np.int32)
     offsets = np.searchsorted(rows, np.arange(len(cells) + 1)).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32())), vocabulary
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+
+
+def _vocabulary_of(chunks: Iterable[tuple[int, pa.Table]], uri: str, column: str, image_column: str) -> ClassVocabulary:
+    """The vocabulary of a manifest read without one: the sorted set of its class names."""
+    names: set[str] = set()
+    for first_row, chunk in chunks:
+        flat, parents = _class_tokens(chunk.column(column), uri, column)
+        if pa.types.is_integer(flat.type) and len(flat):
+            row = int(parents[0])
+            raise ManifestError(f"manifest {uri}: {_where(row + first_row, _text(chunk, image_column)[row].as_py())}: "
+                                "class ids (numbers) need a vocabulary; pass vocabulary= or write class names")  # fmt: skip
+        if not pa.types.is_integer(flat.type):
+            names.update(pc.unique(flat).to_pylist())
+    if not names:
+        raise ManifestError(f"manifest {uri}: no class names in column {column!r} of any row")
+    return ClassVocabulary.from_names(names)
 
 
 # --------------------------------------------------------------------------------------
 # manifests
 
 
+def _unreadable(uri: str, fmt: str, exc: BaseException) -> ManifestError:
+    return ManifestError(f"manifest {uri}: not a readable {fmt} table ({' '.join(str(exc).split())[:300]})")
+
+
 def _parse(data: bytes, fmt: str, uri: str, text_columns: Sequence[str]) -> pa.Table:
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
-    import pyarrow.parquet as pq
 
     try:
-        if fmt == "parquet":
-            return pq.read_table(io.BytesIO(data))
         if fmt == "csv":
             # Every named column as text: an id column like 0001 must stay "0001".
             header = data.split(b"\n", 1)[0].decode("utf-8-sig").strip().split(",")
@@ -200,7 +227,59 @@ def _parse(data: bytes, fmt: str, uri: str, text_columns: Sequence[str]) -> pa.T
             return pa.Table.from_pylist(json.loads(data))
         return pajson.read_json(io.BytesIO(data))
     except (pa.ArrowInvalid, ValueError) as exc:
-        raise ManifestError(f"manifest {uri}: not a readable {fmt} table ({' '.join(str(exc).split())[:300]})") from None
+        raise _unreadable(uri, fmt, exc) from None
+
+
+def _manifest_chunks(uri: str, fmt: str, options: StorageOptions,
+                     wanted: Sequence[str]) -> tuple[list[str], Callable[[], Iterator[tuple[int, pa.Table]]]]:  # fmt: skip
+    """(the manifest's column names, a function giving an iterator of (number of the chunk's
+    first row, chunk)): its rows :data:`CHUNK_ROWS` at a time, with only the ``wanted`` columns it has. Parquet is
+    streamed from the store a row group at a time; CSV and JSON are parsed whole (a column's
+    type is inferred from all of its cells: a CSV class column of numbers stays numeric) and
+    the file's bytes dropped before the rows are sliced."""
+    import pyarrow.parquet as pq
+
+    fs, path = resolve(uri, options)
+    with _translating(uri, options):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        if info.type == pafs.FileType.Directory:
+            raise IsADirectoryError(path)
+    if not info.size:
+        raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
+    if fmt == "parquet":
+        try:
+            with _translating(uri, options):
+                reader = pq.ParquetFile(fs.open_input_file(path))
+        except (pa.ArrowInvalid, ValueError) as exc:
+            raise _unreadable(uri, fmt, exc) from None
+        names = reader.schema_arrow.names
+
+        def parquet_chunks() -> Iterator[tuple[int, pa.Table]]:
+            first = 1
+            try:
+                with _translating(uri, options):
+                    for batch in reader.iter_batches(batch_size=CHUNK_ROWS, columns=[c for c in wanted if c in names]):
+                        yield first, pa.Table.from_batches([batch])
+                        first += batch.num_rows
+            except (pa.ArrowInvalid, ValueError) as exc:
+                raise _unreadable(uri, fmt, exc) from None
+
+        return names, parquet_chunks
+    data = read_bytes(uri, options)
+    if not data.strip():
+        raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
+    table = _parse(data, fmt, uri, wanted)
+    del data
+    names = table.column_names
+    table = table.select([c for c in wanted if c in names])
+
+    def table_chunks() -> Iterator[tuple[int, pa.Table]]:
+        for first in range(0, table.num_rows, CHUNK_ROWS):
+            yield first + 1, table.slice(first, CHUNK_ROWS)
+
+    return names, table_chunks
 
 
 def _text(table: pa.Table, column: str) -> pa.Array:
@@ -235,38 +314,51 @@ def read_manifest_table(
     """The manifest at ``uri`` as an image table (columns as :func:`~.sources.read_manifest`;
     class cells as in the module doc). Repeated ids are kept (the labeling job refuses them per
     row). Mistakes of the whole table (missing columns, an empty image cell, an unknown class)
-    raise as :func:`~.sources.read_manifest` does, naming the first row."""
+    raise as :func:`~.sources.read_manifest` does, naming the first row.
+
+    Rows are normalised :data:`CHUNK_ROWS` at a time (:func:`_manifest_chunks`), so the reader
+    holds its result, the manifest's rows (none of them for Parquet) and one chunk's
+    intermediates; without a ``vocabulary`` the class column is read once more first."""
     uri = os.fspath(uri)
     fmt = _MANIFEST_FORMATS.get(posixpath.splitext(uri.lower().rstrip("/"))[1])
     if fmt is None:
         raise ManifestError(f"manifest {uri}: unsupported file type; use .parquet, .csv, .jsonl (or .json)")
-    data = read_bytes(uri, options)
-    if not data or (fmt != "parquet" and not data.strip()):
-        raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
-    table = _parse(data, fmt, uri, (image_column, id_column, classes_column, semantic_column, instance_column))
-    missing = [c for c in (image_column, classes_column) if c not in table.column_names]
+    wanted = (image_column, id_column, classes_column, semantic_column, instance_column)
+    names, chunks = _manifest_chunks(uri, fmt, options, wanted)
+    missing = [c for c in (image_column, classes_column) if c not in names]
     if missing:
         raise ManifestError(f"manifest {uri}: missing required column(s) {', '.join(map(repr, missing))}; found "
-                            f"columns: {', '.join(map(repr, table.column_names)) or '(none)'}; pass image_column= / "
+                            f"columns: {', '.join(map(repr, names)) or '(none)'}; pass image_column= / "
                             "classes_column= to use other names")  # fmt: skip
-    if table.num_rows == 0:
+    if vocabulary is None:
+        vocabulary = _vocabulary_of(chunks(), uri, classes_column, image_column)
+    base = parent(uri)
+    out = [_normalize_chunk(chunk, first, uri, base, vocabulary, wanted) for first, chunk in chunks()]
+    if not sum(part.num_rows for part in out):
         raise EmptyImageSetError(f"manifest {uri} has no rows")
+    return pa.concat_tables(out), vocabulary
+
+
+def _normalize_chunk(table: pa.Table, first_row: int, uri: str, base: str, vocabulary: ClassVocabulary,
+                     columns: Sequence[str]) -> pa.Table:  # fmt: skip
+    """Manifest rows ``first_row``.. (``columns``: image, id, classes, semantic, instance) as an
+    image table chunk; mistakes raise naming the row."""
+    image_column, id_column, classes_column, semantic_column, instance_column = columns
     images = _text(table, image_column)
     empty = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(images, ""), True)))
     if len(empty):
-        raise ManifestError(f"manifest {uri}: row {empty[0] + 1}: column {image_column!r} must hold an image path, "
-                            f"got {table.column(image_column)[int(empty[0])].as_py()!r}")  # fmt: skip
-    base = parent(uri)
+        raise ManifestError(f"manifest {uri}: row {empty[0] + first_row}: column {image_column!r} must hold an image "
+                            f"path, got {table.column(image_column)[int(empty[0])].as_py()!r}")  # fmt: skip
     if id_column in table.column_names:
         ids = _text(table, id_column)
         blank = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(ids, ""), True)))
         if len(blank):
-            raise ManifestError(f"manifest {uri}: {_where(int(blank[0]) + 1, images[int(blank[0])].as_py())}: "
+            raise ManifestError(f"manifest {uri}: {_where(int(blank[0]) + first_row, images[int(blank[0])].as_py())}: "
                                 f"column {id_column!r} is empty")  # fmt: skip
     else:
         name = pc.replace_substring_regex(images, pattern=r"^.*/", replacement="")
         ids = pc.replace_substring_regex(name, pattern=r"(.)\.[^.]*$", replacement=r"\1")
-    classes, vocabulary = _class_lists(table.column(classes_column), vocabulary, uri, classes_column, images)
+    classes = _class_lists(table.column(classes_column), vocabulary, uri, classes_column, images, first_row)
     ground_truth = []
     for column in (semantic_column, instance_column):
         if column in table.column_names:
@@ -275,12 +367,11 @@ def read_manifest_table(
             ground_truth.append(_resolve_paths(paths, base))
         else:
             ground_truth.append(pa.nulls(table.num_rows, pa.string()))
-    out = pa.Table.from_arrays(
-        [ids, _resolve_paths(images, base), classes, ground_truth[0], ground_truth[1],
-         pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)), pa.array([""] * table.num_rows, pa.string())],
-        schema=IMAGE_TABLE_SCHEMA,
+    rows = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
+    return pa.Table.from_arrays(
+        [ids, _resolve_paths(images, base), classes, ground_truth[0], ground_truth[1], pa.array(rows),
+         pa.array([""] * table.num_rows, pa.string())], schema=IMAGE_TABLE_SCHEMA,
     )  # fmt: skip
-    return out, vocabulary
 
 
 # --------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ ImageNet's 1.28M images holds no Python object per image but the ids of the reco
 from __future__ import annotations
 
 import collections
+import collections.abc
 import hashlib
 import json
 import posixpath
@@ -70,7 +71,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from irnet_ray.data import output_format as of
-from irnet_ray.data.parquet_files import content_name, read_table, write_table
+from irnet_ray.data.parquet_files import content_name, read_batches, read_table, write_table
 from irnet_ray.data.storage import (
     StorageError,
     StorageNotFound,
@@ -129,6 +130,9 @@ _SNAPSHOT_NAME = re.compile(r"^snapshot-(\d{8})\.parquet$")
 #: The driver writes a snapshot of the commit log after every this many commits (and before the
 #: manifest): a rerun after a crash reads at most this many JSON records one by one.
 SNAPSHOT_EVERY = 1000
+#: Records a row group of a snapshot holds: read a group at a time (an ImageNet log decoded
+#: whole took twice its size again).
+_SNAPSHOT_ROW_GROUP = 1000
 #: The per-image inputs of commit records (what each committed key was made from), in memory.
 INPUTS_SCHEMA = pa.schema([("sequence", pa.int64()), ("image_id", pa.string()), ("occurrence", pa.int64()),
                            ("uri", pa.string()), ("fingerprint", pa.string())])  # fmt: skip
@@ -168,8 +172,41 @@ def _json(uri: str, options: StorageOptions) -> dict:
     return json.loads(read_bytes(uri, options).decode("utf-8"))
 
 
+def _json_default(value):
+    if isinstance(value, IdList):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def _dump(value: dict) -> bytes:
-    return json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
+    return json.dumps(value, indent=1, sort_keys=True, allow_nan=False, default=_json_default).encode("utf-8")
+
+
+class IdList(collections.abc.Sequence):
+    """A commit record's ``image_ids`` as read from a snapshot: a slice of one Arrow string
+    array, where a list of Python strings would cost ~100 bytes an id (1.28M ids: ~150 MB of
+    the driver's memory for a rerun of ImageNet). Reads like the list it replaces."""
+
+    __slots__ = ("array",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, array: pa.Array) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        return self.array[index].to_pylist() if isinstance(index, slice) else self.array[index].as_py()
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, collections.abc.Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 def _identity_differences(old: dict, new: dict) -> list[str]:
@@ -324,7 +361,7 @@ def _snapshot_table(commits: Sequence[dict], inputs: pa.Table) -> pa.Table:
         INPUTS_SCHEMA.field(n) for n in fields])  # fmt: skip
     lists = pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(counts)], pa.int32()), struct)
     records = [json.dumps({k: v for k, v in c.items() if k != "inputs"}, sort_keys=True, separators=(",", ":"),
-                          allow_nan=False) for c in commits]  # fmt: skip
+                          allow_nan=False, default=_json_default) for c in commits]  # fmt: skip
     return pa.table({"sequence": sequences, "record": pa.array(records, pa.string()), "inputs": lists})
 
 
@@ -336,21 +373,32 @@ def write_snapshot(output: str, commits: Sequence[dict], inputs: pa.Table, optio
     if not commits:
         return None
     name = f"snapshot-{int(commits[-1]['sequence']):08d}.parquet"
-    write_table(join(output, COMMITS), name, _snapshot_table(commits, inputs), options)
+    write_table(join(output, COMMITS), name, _snapshot_table(commits, inputs), options,
+                row_group_size=_SNAPSHOT_ROW_GROUP)  # fmt: skip
     return f"{COMMITS}/{name}"
 
 
 def read_snapshot(uri: str, options: StorageOptions) -> tuple[list[dict], pa.Table]:
-    """The records (without inputs) and the inputs table of a snapshot file."""
-    table = read_table(uri, options)
-    commits = [json.loads(text) for text in table.column("record").to_pylist()]
-    if [int(c["sequence"]) for c in commits] != table.column("sequence").to_pylist():
-        raise ValueError("its sequence column does not match its records")
-    lists = table.column("inputs").combine_chunks()
-    flat = lists.flatten()
-    sequence = pc.take(table.column("sequence").combine_chunks(), pc.list_parent_indices(lists))
-    inputs = pa.Table.from_arrays([sequence] + [flat.field(n) for n in INPUTS_SCHEMA.names[1:]], schema=INPUTS_SCHEMA)
-    return commits, inputs
+    """The records (without inputs) and the inputs table of a snapshot file, read a row group
+    (:data:`_SNAPSHOT_ROW_GROUP` records) at a time."""
+    commits, parts = [], []
+    for table in read_batches(uri, options, _SNAPSHOT_ROW_GROUP):
+        records = [json.loads(text) for text in table.column("record").to_pylist()]
+        if [int(c["sequence"]) for c in records] != table.column("sequence").to_pylist():
+            raise ValueError("its sequence column does not match its records")
+        # The group's image ids as one Arrow array, each record holding its slice.
+        counts = [len(r.get("image_ids") or ()) for r in records]
+        ids = pa.array([str(i) for r in records for i in r.get("image_ids") or ()], pa.string())
+        for record, start, count in zip(records, np.cumsum([0] + counts[:-1]), counts):
+            if "image_ids" in record:
+                record["image_ids"] = IdList(ids.slice(int(start), count))
+        commits += records
+        lists = table.column("inputs").combine_chunks()
+        flat = lists.flatten()
+        sequence = pc.take(table.column("sequence").combine_chunks(), pc.list_parent_indices(lists))
+        parts.append(pa.Table.from_arrays([sequence] + [flat.field(n) for n in INPUTS_SCHEMA.names[1:]],
+                                          schema=INPUTS_SCHEMA))  # fmt: skip
+    return commits, pa.concat_tables(parts) if parts else INPUTS_SCHEMA.empty_table()
 
 
 def files_exist(output: str, paths: list[str], options: StorageOptions) -> list[bool]:
@@ -458,9 +506,11 @@ def committed_table(commits: Iterable[dict], retried: Iterable[tuple[str, int]] 
                 for name, value in zip(errors, (sequence, key[0], key[1], e.get("uri"), e["reason"])):
                     errors[name].append(value)
     rows = int(sum(counts))
+    id_arrays = [ids.array if isinstance(ids, IdList) else pa.array([str(i) for i in ids], pa.string())
+                 for ids in id_lists]  # fmt: skip
     data = pa.table({
         "sequence": pa.array(np.repeat(np.asarray(sequences, dtype=np.int64), counts), pa.int64()),
-        "image_id": pa.array((str(i) for ids in id_lists for i in ids), pa.string(), size=rows),
+        "image_id": pa.concat_arrays(id_arrays) if id_arrays else pa.array([], pa.string()),
         "occurrence": pa.array(np.zeros(rows, dtype=np.int64)), "error_uri": pa.nulls(rows, pa.string()),
         "reason": pa.nulls(rows, pa.string()),
     })  # fmt: skip
@@ -473,13 +523,37 @@ def committed_table(commits: Iterable[dict], retried: Iterable[tuple[str, int]] 
     file_of_row = pa.concat_arrays([pa.array(np.repeat(np.arange(len(counts), dtype=np.int32), counts), pa.int32()),
                                     pa.nulls(failed.num_rows, pa.int32())])  # fmt: skip
     path = pa.DictionaryArray.from_arrays(file_of_row, pa.array(paths, pa.string()))
-    # What each key was made from: its record's inputs row (a hash lookup, not a join that would
-    # copy every column of both sides).
-    at = pc.index_in(_row_keys(keys), value_set=_row_keys(inputs))
+    # What each key was made from: its record's inputs row.
+    at = pa.concat_arrays([_input_rows(data, inputs), _input_rows(failed, inputs)])
     uri = pc.coalesce(inputs.column("uri").take(at), keys.column("error_uri"))
     return pa.Table.from_arrays([keys.column("image_id"), keys.column("occurrence"), uri,
                                  inputs.column("fingerprint").take(at), keys.column("reason"), path],
                                 schema=COMMITTED_SCHEMA)  # fmt: skip
+
+
+#: Keys matched to their inputs rows at a time (:func:`_input_rows`).
+_MATCH_ROWS = 65_536
+
+
+def _input_rows(keys: pa.Table, inputs: pa.Table) -> pa.Array:
+    """For each row of ``keys`` (sequence, image_id, occurrence; in commit order), the row of
+    ``inputs`` holding the same three, or null: a hash lookup (not a join, which would copy
+    every column of both sides), a range of sequences at a time (keys and inputs are both in
+    commit order), so the lookup's strings and hash table cover :data:`_MATCH_ROWS` keys at a
+    time, not a million."""
+    inputs_sequence = inputs.column("sequence").to_numpy()
+    if len(inputs_sequence) > 1 and (np.diff(inputs_sequence) < 0).any():
+        raise ValueError("the inputs table must be in commit order")
+    keys_sequence = keys.column("sequence").to_numpy()
+    parts = []
+    for start in range(0, keys.num_rows, _MATCH_ROWS):
+        part = keys.slice(start, _MATCH_ROWS)
+        sequences = keys_sequence[start:start + _MATCH_ROWS]
+        low = int(np.searchsorted(inputs_sequence, sequences.min(), "left"))
+        high = int(np.searchsorted(inputs_sequence, sequences.max(), "right"))
+        at = pc.index_in(_row_keys(part), value_set=_row_keys(inputs.slice(low, high - low)))
+        parts.append(pc.add(pc.cast(at, pa.int64()), pa.scalar(low, pa.int64())))
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.int64())
 
 
 def _row_keys(table: pa.Table) -> pa.Array:

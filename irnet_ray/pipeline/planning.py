@@ -71,7 +71,6 @@ def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: s
     """The plan of image table ``table`` against the ``committed`` keys (:func:`committed_table`).
     Changed keys are reported in :attr:`Plan.changed` and neither skipped nor pending: the job
     decides (refuse, or withdraw them and call this again)."""
-    table = table.combine_chunks()
     ids = table.column("image_id").combine_chunks()
     listed, occurrence = _occurrences(ids)
     keys = key_column(ids, pa.array(occurrence))
@@ -126,7 +125,8 @@ def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: s
                              message=message, run_id=run_id, occurrence=int(occurrence[row]))  # fmt: skip
         errors.append(error)
         inputs.append([image_id, int(occurrence[row]), error["uri"], table.column("fingerprint")[row].as_py() or ""])
-    pending = table.filter(pa.array(open_rows & (reasons == 0)))
+    send = open_rows & (reasons == 0)
+    pending = table if send.all() else table.filter(pa.array(send))  # a fresh run sends every row: no copy
     changed_count = changed.num_rows
     return Plan(pending=pending, errors=errors, skipped=int(done.sum()) - changed_count, changed=changed, inputs=inputs)
 
@@ -141,4 +141,5 @@ def plan_output(output: str, table: pa.Table, num_classes: int, options: Storage
     retried = transient_errors(commits)
     committed = committed_table(commits, retried, inputs)
     del commits, inputs  # the log's records are not needed to plan: free them first (ImageNet: ~250 MB)
+    pa.default_memory_pool().release_unused()  # and hand the freed pages back before planning allocates again
     return plan_table(table, committed, num_classes, "dry-run"), len(retried)
