@@ -4,6 +4,7 @@ class cells, the input fingerprint and ``--dry-run`` counts on a hand-made outpu
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +16,7 @@ from irnet_ray import model_files
 from irnet_ray.cli import main
 from irnet_ray.config import BackboneConfig, config_to_dict
 from irnet_ray.data.columnar import read_manifest_table, table_of_records
-from irnet_ray.data.sources import ClassVocabulary, ImageRecord
+from irnet_ray.data.sources import ClassVocabulary, ImageRecord, read_manifest
 from irnet_ray.data.storage import StorageOptions
 from irnet_ray.label import label_images
 from irnet_ray.models.cam import CamNet
@@ -58,12 +59,21 @@ def test_the_columnar_plan_equals_the_record_plan():
     assert plan.refused == {"class_out_of_range": 1, "duplicate_id": 2, "no_classes": 1}
 
 
-def test_class_cells_have_one_separator(tmp_path):
-    (tmp_path / "m.csv").write_text("image,classes\nimg/1.jpg,traffic light\nimg/2.jpg,cat|dog\n"
-                                    "img/3.jpg, dog | traffic light \nimg/4.jpg,\n")  # fmt: skip
+def test_class_cells_split_at_bars_and_semicolons_only(tmp_path):
+    """A class name may hold a space (``traffic light``); cells separate names with ``|`` or
+    ``;`` or hold a JSON list, and training (records) reads them as labeling (table) does."""
+    (tmp_path / "m.csv").write_text('image,classes\nimg/1.jpg,traffic light\nimg/2.jpg,cat|dog\n'
+                                    'img/3.jpg, dog | traffic light \nimg/4.jpg,\nimg/5.jpg,dog; cat\n'
+                                    'img/6.jpg,"[""traffic light"", ""cat""]"\n')  # fmt: skip
     table, _ = read_manifest_table(str(tmp_path / "m.csv"), vocabulary=VOCABULARY)
-    assert table.column("classes").to_pylist() == [[3], [1, 2], [2, 3], []]
-    assert table.column("image_id").to_pylist() == ["1", "2", "3", "4"]
+    assert table.column("classes").to_pylist() == [[3], [1, 2], [2, 3], [], [1, 2], [1, 3]]
+    assert table.column("image_id").to_pylist() == ["1", "2", "3", "4", "5", "6"]
+    records, vocabulary = read_manifest(str(tmp_path / "m.csv"))  # the vocabulary read from the cells
+    assert vocabulary.names == ("cat", "dog", "traffic light")
+    assert [r.classes for r in records] == [(3,), (1, 2), (2, 3), (), (1, 2), (1, 3)]
+    (tmp_path / "json.csv").write_text('image,classes\nimg/1.jpg,cat\nimg/2.jpg,"[""cat"", 3]"\n')
+    with pytest.raises(ValueError, match="row 2: column 'classes': a JSON cell must be a list of class names"):
+        read_manifest_table(str(tmp_path / "json.csv"), vocabulary=VOCABULARY)
     assert table.column("uri").to_pylist()[0] == str(tmp_path / "img" / "1.jpg")
     pq.write_table(pa.table({"image": ["x.jpg"], "classes": [["traffic light", "cat"]]}), tmp_path / "m.parquet")
     assert read_manifest_table(str(tmp_path / "m.parquet"), vocabulary=VOCABULARY)[0].column("classes").to_pylist() == [[1, 3]]
@@ -73,32 +83,37 @@ def test_class_cells_have_one_separator(tmp_path):
 
 
 
+def _write_manifest(table: pa.Table, path: Path) -> str:
+    fmt = path.suffix[1:]
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, path)
+    elif fmt == "parquet":
+        pq.write_table(table, path, row_group_size=3)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in table.to_pylist()))
+    return str(path)
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
 def test_a_manifest_read_in_chunks_equals_one_read_whole(tmp_path, monkeypatch, fmt):
     """The reader normalises a manifest CHUNK_ROWS rows at a time (bounded driver memory):
     with chunks of 2 rows, the table, the vocabulary built from every chunk, the row numbers
     and the fingerprints equal those of one chunk, and a mistake names its row in the file."""
-    import pyarrow.csv as pacsv
-
     from irnet_ray.data import columnar
     from irnet_ray.data.columnar import add_fingerprints
 
     (tmp_path / "img").mkdir()
     for name in "abcde":
         (tmp_path / "img" / f"{name}.png").write_bytes(b"0" * (ord(name) - 90))
-    rows = {"image": [f"img/{n}.png" for n in "abcde"], "classes": ["cat", "cat|dog", "cat", "traffic light", "dog"]}
-    table = pa.table(rows)
-    manifest = tmp_path / f"m.{fmt}"
-    if fmt == "csv":
-        pacsv.write_csv(table, manifest)
-    elif fmt == "parquet":
-        pq.write_table(table, manifest, row_group_size=3)
-    else:
-        manifest.write_text("".join(f'{{"image": "{i}", "classes": "{c}"}}\n' for i, c in zip(rows["image"], rows["classes"])))
+    images = [f"img/{n}.png" for n in "abcde"]
+    manifest = _write_manifest(pa.table({"image": images, "classes": ["cat", "cat|dog", "cat", "traffic light", "dog"]}),
+                               tmp_path / f"m.{fmt}")  # fmt: skip
 
-    whole, whole_vocabulary = read_manifest_table(str(manifest))
+    whole, whole_vocabulary = read_manifest_table(manifest)
     monkeypatch.setattr(columnar, "CHUNK_ROWS", 2)
-    chunked, vocabulary = read_manifest_table(str(manifest))
+    chunked, vocabulary = read_manifest_table(manifest)
     assert vocabulary.names == whole_vocabulary.names == ("cat", "dog", "traffic light")
     assert chunked.to_pylist() == whole.to_pylist()
     assert chunked.column("source_row").to_pylist() == [1, 2, 3, 4, 5]
@@ -107,16 +122,10 @@ def test_a_manifest_read_in_chunks_equals_one_read_whole(tmp_path, monkeypatch, 
     assert prints == add_fingerprints(whole, StorageOptions()).column("fingerprint").to_pylist()
     assert [int(p.split(":")[0]) for p in prints] == [7, 8, 9, 10, 11]
 
-    bad = pa.table({"image": rows["image"], "classes": ["cat", "cat", "dog", "dog", "cat dog"]})
-    bad_manifest = tmp_path / f"bad.{fmt}"
-    if fmt == "csv":
-        pacsv.write_csv(bad, bad_manifest)
-    elif fmt == "parquet":
-        pq.write_table(bad, bad_manifest, row_group_size=3)
-    else:
-        bad_manifest.write_text("".join(f'{{"image": "{i}", "classes": "{c}"}}\n' for i, c in zip(bad["image"].to_pylist(), bad["classes"].to_pylist())))
+    bad = _write_manifest(pa.table({"image": images, "classes": ["cat", "cat", "dog", "dog", "cat dog"]}),
+                          tmp_path / f"bad.{fmt}")  # fmt: skip
     with pytest.raises(ValueError, match="row 5.*unknown class 'cat dog'"):
-        read_manifest_table(str(bad_manifest), vocabulary=VOCABULARY)
+        read_manifest_table(bad, vocabulary=VOCABULARY)
 
 
 @pytest.fixture(scope="module")

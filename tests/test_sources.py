@@ -121,7 +121,7 @@ def test_manifest_columns_ids_ground_truth_and_separators(tmp_path):
     (tmp_path / "m.csv").write_text(
         "id,path,labels,semantic\n"
         "0001,a.jpg,cat; dog,gt/0001.png\n"
-        "0002,/abs/b.jpg,dog cat,\n"
+        "0002,/abs/b.jpg,dog|cat,\n"
         "0003,s3://bkt/c.jpg,cat,\n"
     )
     vocab = ClassVocabulary(("cat", "dog", "bird"))
@@ -149,7 +149,8 @@ def test_manifest_unknown_class_names_row_image_and_suggestion(tmp_path):
     with pytest.raises(UnknownClassError) as info:
         read_manifest(str(manifest), vocabulary=ClassVocabulary(("cat", "dog", "horse")))
     message = str(info.value)
-    assert message.startswith("row 3 (image images/dog_002.jpg): unknown class 'dgo'; did you mean 'dog'?")
+    assert message.startswith(f"manifest {manifest}: row 3 (image images/dog_002.jpg): unknown class 'dgo'; did you "
+                              "mean 'dog'?")  # fmt: skip
     assert "known classes: cat, dog, horse" in message
 
 

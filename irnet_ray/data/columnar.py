@@ -13,7 +13,9 @@ also read that way), so the reader's intermediate columns stay a few MB instead 
 copies of the table. ``docs/benchmarks.md`` ("Labeling: planning") has the figures.
 
 Class cells are a list column (names, or ids 1..C with a vocabulary) or a string column with
-names separated by :data:`CLASS_SEPARATOR` only (``traffic light`` is one class, ``cat|dog`` two).
+names separated by ``|`` or ``;`` (:data:`CLASS_SEPARATORS`), never by spaces or commas
+(``traffic light`` is one class; ``cat|dog`` and ``cat; dog`` two), or a JSON list in a string
+cell (``["cat", "traffic light"]``).
 
 Each row also carries the image file's ``fingerprint`` (``"<size>:<mtime ns>"`` from the store's
 listing, ``""`` when the store has no such file or the URI is not a file): the labeling job
@@ -24,8 +26,10 @@ Nothing here imports Ray or torch.
 from __future__ import annotations
 
 import io
+import json
 import os
 import posixpath
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -46,13 +50,14 @@ from .sources import (
     _where,
     records_table,
 )
-from .storage import StorageOptions, _translating, is_s3, normalize, parent, read_bytes, resolve
+from .storage import StorageNotFound, StorageOptions, _translating, is_s3, normalize, parent, read_bytes, resolve
 
-__all__ = ["CLASS_SEPARATOR", "IMAGE_TABLE_SCHEMA", "read_manifest_table", "read_folder_table", "list_folders",
+__all__ = ["CLASS_SEPARATORS", "IMAGE_TABLE_SCHEMA", "read_manifest_table", "read_folder_table", "list_folders",
            "add_fingerprints", "load_table", "table_of_records"]  # fmt: skip
 
 #: The one separator of class names in a string class cell.
-CLASS_SEPARATOR = "|"
+#: The separators of class names in a string class cell.
+CLASS_SEPARATORS = "|;"
 #: Parallel listings (folders of a tree, parents of manifest images).
 LIST_THREADS = 32
 #: Manifest rows normalised at a time: each string step over all of ImageNet's 1.28M rows would
@@ -131,18 +136,24 @@ def add_fingerprints(table: pa.Table, options: StorageOptions) -> pa.Table:
 # class cells
 
 
-def _class_tokens(cells: pa.ChunkedArray | pa.Array, uri: str, column: str) -> tuple[pa.Array, np.ndarray]:
-    """Class cells -> (every class token, flattened: trimmed non-empty names or integers; the row of each)."""
+def _class_tokens(cells: pa.ChunkedArray | pa.Array, uri: str, column: str,
+                  first_row: int = 1) -> tuple[pa.Array, np.ndarray]:  # fmt: skip
+    """Class cells -> (every class token, flattened: trimmed non-empty names or integers; the row of
+    each, counted in the cells). ``first_row``: the manifest row of the first cell (for messages)."""
     cells = cells.combine_chunks() if isinstance(cells, pa.ChunkedArray) else cells
     if pa.types.is_null(cells.type):
         cells = pa.array([None] * len(cells), pa.string())
     if pa.types.is_string(cells.type) or pa.types.is_large_string(cells.type):
-        lists = pc.split_pattern(pc.fill_null(cells, ""), CLASS_SEPARATOR)
+        cells = pc.utf8_trim_whitespace(pc.fill_null(cells, ""))
+        if pc.any(pc.starts_with(cells, "[")).as_py():
+            lists = _json_class_cells(cells, uri, column, first_row)
+        else:
+            lists = pc.split_pattern_regex(cells, f"[{re.escape(CLASS_SEPARATORS)}]")
     elif pa.types.is_list(cells.type) or pa.types.is_large_list(cells.type):
         lists = pc.fill_null(cells, pa.scalar([], cells.type))
     else:
         raise ManifestError(f"manifest {uri}: column {column!r} must hold lists of class names or strings like "
-                            f"'cat{CLASS_SEPARATOR}dog', got {cells.type}")  # fmt: skip
+                            f"'cat|dog', got {cells.type}")  # fmt: skip
     flat = pc.list_flatten(lists)
     parents = np.asarray(pc.list_parent_indices(lists), dtype=np.int64)
     if pa.types.is_null(flat.type):
@@ -156,11 +167,32 @@ def _class_tokens(cells: pa.ChunkedArray | pa.Array, uri: str, column: str) -> t
     return flat, parents
 
 
+def _json_class_cells(cells: pa.Array, uri: str, column: str, first_row: int) -> pa.Array:
+    """String class cells where some hold a JSON list (``["cat", "traffic light"]``): those
+    parsed, the others split at :data:`CLASS_SEPARATORS` (in Python: such manifests are rare)."""
+    split = re.compile(f"[{re.escape(CLASS_SEPARATORS)}]")
+    out = []
+    for row, text in enumerate(cells.to_pylist()):
+        if not text.startswith("["):
+            out.append(split.split(text))
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest {uri}: row {row + first_row}: column {column!r} holds {text!r}, which starts "
+                                f"like a JSON list but is not one ({exc.msg})") from None  # fmt: skip
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ManifestError(f"manifest {uri}: row {row + first_row}: column {column!r}: a JSON cell must be a list of "
+                                f"class names, got {text!r}")  # fmt: skip
+        out.append(value)
+    return pa.array(out, pa.list_(pa.string()))
+
+
 def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary, uri: str, column: str,
                  images: pa.ChunkedArray, first_row: int = 1) -> pa.Array:  # fmt: skip
     """Class cells -> sorted unique class ids per row (list<int32>); ``first_row``: the number
     of the first cell's row in the manifest (for messages)."""
-    flat, parents = _class_tokens(cells, uri, column)
+    flat, parents = _class_tokens(cells, uri, column, first_row)
     if pa.types.is_integer(flat.type):
         ids = np.asarray(pc.fill_null(flat, 0), dtype=np.int64)
         bad = np.flatnonzero((ids < 1) | (ids > vocabulary.num_classes))
@@ -189,14 +221,18 @@ def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary, uri: str, 
 def _vocabulary_of(chunks: Iterable[tuple[int, pa.Table]], uri: str, column: str, image_column: str) -> ClassVocabulary:
     """The vocabulary of a manifest read without one: the sorted set of its class names."""
     names: set[str] = set()
+    rows = 0
     for first_row, chunk in chunks:
-        flat, parents = _class_tokens(chunk.column(column), uri, column)
+        rows += chunk.num_rows
+        flat, parents = _class_tokens(chunk.column(column), uri, column, first_row)
         if pa.types.is_integer(flat.type) and len(flat):
             row = int(parents[0])
             raise ManifestError(f"manifest {uri}: {_where(row + first_row, _text(chunk, image_column)[row].as_py())}: "
                                 "class ids (numbers) need a vocabulary; pass vocabulary= or write class names")  # fmt: skip
         if not pa.types.is_integer(flat.type):
             names.update(pc.unique(flat).to_pylist())
+    if not rows:
+        raise EmptyImageSetError(f"manifest {uri} has no rows")
     if not names:
         raise ManifestError(f"manifest {uri}: no class names in column {column!r} of any row")
     return ClassVocabulary.from_names(names)
@@ -222,12 +258,29 @@ def _parse(data: bytes, fmt: str, uri: str, text_columns: Sequence[str]) -> pa.T
             return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
                 column_types=types, strings_can_be_null=True))  # fmt: skip
         if data.lstrip().startswith(b"["):  # one JSON array of objects: small files; parse in Python
-            import json
-
-            return pa.Table.from_pylist(json.loads(data))
+            items = json.loads(data)
+            if not all(isinstance(item, dict) for item in items):
+                raise ValueError("a JSON array manifest must hold one object per image")
+            return pa.Table.from_pylist(items)
         return pajson.read_json(io.BytesIO(data))
     except (pa.ArrowInvalid, ValueError) as exc:
+        if fmt == "jsonl" and not data.lstrip().startswith(b"["):
+            _raise_at_bad_line(data, uri)
         raise _unreadable(uri, fmt, exc) from None
+
+
+def _raise_at_bad_line(data: bytes, uri: str) -> None:
+    """Name the first line of a JSON Lines manifest that is not a JSON object (pyarrow's
+    message counts its own blocks)."""
+    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"manifest {uri}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(item, dict):
+            raise ManifestError(f"manifest {uri}: line {number} must be a JSON object, got {type(item).__name__}")
 
 
 def _manifest_chunks(uri: str, fmt: str, options: StorageOptions,
@@ -336,7 +389,9 @@ def read_manifest_table(
     out = [_normalize_chunk(chunk, first, uri, base, vocabulary, wanted) for first, chunk in chunks()]
     if not sum(part.num_rows for part in out):
         raise EmptyImageSetError(f"manifest {uri} has no rows")
-    return pa.concat_tables(out), vocabulary
+    table = pa.concat_tables(out)
+    # Where the ids came from, for the messages of readers that refuse repeated ids.
+    return table.replace_schema_metadata({"ids": "column" if id_column in names else "file names"}), vocabulary
 
 
 def _normalize_chunk(table: pa.Table, first_row: int, uri: str, base: str, vocabulary: ClassVocabulary,
@@ -380,12 +435,17 @@ def _normalize_chunk(table: pa.Table, first_row: int, uri: str, base: str, vocab
 
 def read_folder_table(uri: str, options: StorageOptions = StorageOptions(),
                       vocabulary: ClassVocabulary | None = None) -> tuple[pa.Table, ClassVocabulary]:  # fmt: skip
-    """``root/<class_name>/<images>`` as an image table (ids and classes as
-    :func:`~.sources.read_image_folder`); each class folder is listed in parallel, and the
-    listing gives the files' fingerprints. Images directly under the root raise."""
+    """``root/<class_name>/<images>`` as an image table: files ending in an image suffix (any
+    case) below a class folder, nothing whose path has a component starting with ``.``; the
+    class of the top folder; id ``<class>/<path below it, no suffix>``. Each class folder is
+    listed in parallel, and the listing gives the files' fingerprints. Images directly under
+    the root raise; so does a root that does not exist. The reader of
+    :func:`~.sources.read_image_folder` too."""
     root = normalize(os.fspath(uri))
     fs, path = resolve(root, options)
     with _translating(root, options):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise StorageNotFound(f"image folder not found: {uri} (no such folder)", uri)
         top = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
     prefix = "s3://" if is_s3(root) else ("file://" if root.startswith("file://") else "")
     loose = [i.base_name for i in top if i.type == pafs.FileType.File and i.base_name.lower().endswith(IMAGE_SUFFIXES)

@@ -18,13 +18,10 @@ image and the fix. Nothing here imports Ray or torch.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import difflib
 import functools
-import io
 import json
-import math
 import os
 import posixpath
 import re
@@ -47,7 +44,6 @@ from .storage import (
     normalize,
     parent,
     read_bytes,
-    resolve_relative,
 )
 
 if TYPE_CHECKING:  # synthetic.py pulls in scipy; import it only when the built-in set is used
@@ -88,7 +84,6 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 _MANIFEST_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "jsonl",
                      ".ndjson": "jsonl", ".json": "jsonl"}  # fmt: skip
-_CLASS_SEPARATORS = re.compile(r"[|;,\s]+")
 _MAX_LISTED = 10
 _IO_THREADS = 16
 
@@ -316,99 +311,6 @@ def _check_exists(records: Sequence[ImageRecord], options: StorageOptions, what:
 # manifests
 
 
-def _is_missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _manifest_rows(data: bytes, fmt: str, uri: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """(column names, rows as dicts) of a manifest file."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except Exception as exc:
-            raise ManifestError(f"manifest {uri}: not a readable Parquet file ({exc})") from None
-        columns = list(table.column_names)
-        values = {c: table.column(c).to_pylist() for c in columns}
-        return columns, [{c: values[c][i] for c in columns} for i in range(table.num_rows)]
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"manifest {uri}: not UTF-8 text ({exc})") from None
-    if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = []
-        for raw in reader:
-            if not any((v or "").strip() for k, v in raw.items() if k is not None):
-                continue  # blank line
-            rows.append({(k or "").strip(): (v.strip() if isinstance(v, str) else v) for k, v in raw.items()})
-        return columns, rows
-    # JSON Lines, or one JSON array of objects
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            items = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(f"manifest {uri}: invalid JSON ({exc})") from None
-        lines = list(enumerate(items, start=1))
-    else:
-        lines = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                lines.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise ManifestError(f"manifest {uri}: line {lineno} is not valid JSON ({exc.msg})") from None
-    columns: dict[str, None] = {}
-    rows = []
-    for lineno, item in lines:
-        if not isinstance(item, dict):
-            raise ManifestError(f"manifest {uri}: entry {lineno} must be a JSON object, got {type(item).__name__}")
-        columns.update(dict.fromkeys(item))
-        rows.append(item)
-    return list(columns), rows
-
-
-def _class_names(value: Any, uri: str, row: int, image: str, column: str) -> list:
-    if _is_missing(value):
-        return []
-    if isinstance(value, str):
-        return [t for t in _CLASS_SEPARATORS.split(value.strip()) if t]
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        out = []
-        for v in value:
-            if _is_missing(v):
-                continue
-            if isinstance(v, str):
-                if v.strip():
-                    out.append(v.strip())
-            elif isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-                out.append(int(v))
-            else:
-                raise ManifestError(
-                    f"manifest {uri}: {_where(row, image)}: column {column!r} holds {v!r}; "
-                    "expected class names"
-                )
-        return out
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return [int(value)]
-    raise ManifestError(
-        f"manifest {uri}: {_where(row, image)}: column {column!r} must be a list of class names or a "
-        f"string like 'cat|dog', got {type(value).__name__}"
-    )
-
-
-def _stem(path: str) -> str:
-    name = posixpath.basename(path.replace("\\", "/").rstrip("/"))
-    stem, _ = posixpath.splitext(name)
-    return stem or name
-
-
 def read_manifest(
     uri: str,
     options: StorageOptions = StorageOptions(),
@@ -425,8 +327,9 @@ def read_manifest(
     """Records from a manifest table (``.parquet``, ``.csv``, ``.jsonl`` / ``.ndjson`` / ``.json``).
 
     Columns: ``image_column`` (path or URI; relative paths are relative to the manifest's
-    folder), ``classes_column`` (a list of names, or one string with names separated by ``|``,
-    ``;``, ``,`` or spaces; an empty list is allowed), optional ``id_column`` (default: the
+    folder), ``classes_column`` (a list of names, or one string with names separated by ``|``
+    or ``;``, never by spaces or commas: ``traffic light`` is one class; a string holding a JSON
+    list is read as that list; an empty cell is allowed), optional ``id_column`` (default: the
     image file's stem), optional ``semantic_column`` / ``instance_column`` (ground-truth PNGs
     for evaluation). A ``.json`` file may also hold one JSON array of objects.
 
@@ -434,99 +337,20 @@ def read_manifest(
     vocabulary also allows integer class ids (1..C) in list-valued (Parquet / JSON) class
     columns. Row numbers in messages count data rows from 1 (a CSV header is not a row).
 
-    A repeated image id is an error of the whole manifest, unless ``allow_duplicate_ids`` (the
-    labeling job records such rows per image instead of refusing millions of good ones).
+    Read by the same reader as the labeling job's (:func:`.columnar.read_manifest_table`): one
+    set of rules for training and labeling. A repeated image id is an error of the whole
+    manifest, unless ``allow_duplicate_ids`` (the labeling job records such rows per image
+    instead of refusing millions of good ones).
     """
-    uri = os.fspath(uri)
-    suffix = posixpath.splitext(uri.lower().rstrip("/"))[1]
-    fmt = _MANIFEST_FORMATS.get(suffix)
-    if fmt is None:
-        raise ManifestError(
-            f"manifest {uri}: unsupported file type {suffix or '(no suffix)'!r}; "
-            "use .parquet, .csv, .jsonl (or .json)"
-        )
-    data = read_bytes(uri, options)
-    if not data or (fmt != "parquet" and not data.strip()):
-        raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
-    columns, rows = _manifest_rows(data, fmt, uri)
-    required = [image_column, classes_column]
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise ManifestError(
-            f"manifest {uri}: missing required column(s) {', '.join(map(repr, missing))}; "
-            f"found columns: {', '.join(map(repr, columns)) or '(none)'}; required: "
-            f"{', '.join(map(repr, required))} (optional: {id_column!r}, {semantic_column!r}, "
-            f"{instance_column!r}); pass image_column= / classes_column= to use other names"
-        )
-    if not rows:
-        raise EmptyImageSetError(f"manifest {uri} has no rows")
-    base = parent(uri)
-    has_id = id_column in columns
+    from .columnar import read_manifest_table  # it builds on this module's vocabulary and errors
 
-    parsed = []  # (row, image_id, image_uri, names, semantic, instance)
-    for row_number, row in enumerate(rows, start=1):
-        image = row.get(image_column)
-        if _is_missing(image) or not isinstance(image, str) or not image.strip():
-            raise ManifestError(
-                f"manifest {uri}: row {row_number}: column {image_column!r} must hold an image path, got {image!r}"
-            )
-        image = image.strip()
-        try:
-            image_uri = resolve_relative(base, image)
-        except ValueError as exc:
-            raise ManifestError(f"manifest {uri}: {_where(row_number, image)}: {exc}") from None
-        if has_id:
-            image_id = row.get(id_column)
-            if _is_missing(image_id) or str(image_id).strip() == "":
-                raise ManifestError(
-                    f"manifest {uri}: {_where(row_number, image)}: column {id_column!r} is empty"
-                )
-            image_id = str(image_id).strip()
-        else:
-            image_id = _stem(image)
-        names = _class_names(row.get(classes_column), uri, row_number, image, classes_column)
-        gt = []
-        for column in (semantic_column, instance_column):
-            value = row.get(column)
-            if _is_missing(value) or (isinstance(value, str) and not value.strip()):
-                gt.append(None)
-            elif isinstance(value, str):
-                gt.append(resolve_relative(base, value.strip()))
-            else:
-                raise ManifestError(
-                    f"manifest {uri}: {_where(row_number, image)}: column {column!r} must be a path, got {value!r}"
-                )
-        parsed.append((row_number, image_id, image_uri, image, names, gt[0], gt[1]))
-
-    if vocabulary is None:
-        all_names = {n for p in parsed for n in p[4]}
-        numeric = [p for p in parsed if any(isinstance(n, int) for n in p[4])]
-        if numeric:
-            p = numeric[0]
-            raise ManifestError(
-                f"manifest {uri}: {_where(p[0], p[3])}: class ids (numbers) need a vocabulary; "
-                "pass vocabulary= or write class names"
-            )
-        if not all_names:
-            raise ManifestError(f"manifest {uri}: no class names in column {classes_column!r} of any row")
-        vocabulary = ClassVocabulary.from_names(all_names)
-
-    records = []
-    for row_number, image_id, image_uri, image, names, semantic, instance in parsed:
-        ids = set()
-        for n in names:
-            if isinstance(n, int):
-                if not 1 <= n <= vocabulary.num_classes:
-                    raise UnknownClassError(
-                        f"{_where(row_number, image)}: class id {n} out of range 1..{vocabulary.num_classes}",
-                        str(n),
-                    )
-                ids.add(n)
-            else:
-                ids.add(vocabulary.id_of(n, row=row_number, image=image))
-        records.append(ImageRecord(image_id, image_uri, tuple(ids), semantic, instance, row_number))
-    hint = "" if has_id else f" (ids come from file names; add an {id_column!r} column)"
+    table, vocabulary = read_manifest_table(uri, options, vocabulary, image_column=image_column,
+                                            classes_column=classes_column, id_column=id_column,
+                                            semantic_column=semantic_column, instance_column=instance_column)  # fmt: skip
+    records = [ImageRecord.from_row(row) for row in table.to_pylist()]
     if not allow_duplicate_ids:
+        hint = "" if (table.schema.metadata or {}).get(b"ids") != b"file names" else (
+            f" (ids come from file names; add an {id_column!r} column)")  # fmt: skip
         _check_unique_ids(records, f"manifest {uri}", hint)
     if check_exists:
         _check_exists(records, options, f"manifest {uri}")
@@ -535,12 +359,6 @@ def read_manifest(
 
 # --------------------------------------------------------------------------------------
 # ImageNet-style folder trees
-
-
-def _relative_parts(root: str, file_uri: str) -> list[str]:
-    """Components of ``file_uri`` below ``root`` (both normalized)."""
-    rel = file_uri[len(root.rstrip("/" + os.sep)) :].lstrip("/" + os.sep)
-    return [p for p in re.split(r"[/\\]", rel) if p]
 
 
 def read_image_folder(
@@ -558,46 +376,10 @@ def read_image_folder(
     the class of its top folder; its id is ``<class>/<path below the class folder, no suffix>``.
     Images directly under ``root`` raise :class:`ManifestError` (they have no class).
     """
-    uri = os.fspath(uri)
-    root = normalize(uri)
-    files = list_files(root, options, suffixes=IMAGE_SUFFIXES)
-    by_class: dict[str, list[tuple[str, str]]] = {}
-    loose = []
-    for f in files:
-        parts = _relative_parts(root, f)
-        if any(p.startswith(".") for p in parts):
-            continue
-        if len(parts) < 2:
-            loose.append(parts[-1])
-            continue
-        cls, below = parts[0], "/".join(parts[1:])
-        by_class.setdefault(cls, []).append((below, f))
-    if loose:
-        raise ManifestError(
-            f"image folder {uri}: {len(loose)} image(s) directly under the root have no class folder: "
-            f"{_listing(sorted(loose))}; expected {uri}/<class_name>/<image>"
-        )
-    if not by_class:
-        raise EmptyImageSetError(
-            f"no images in {uri} (expected {uri}/<class_name>/<image> with suffix "
-            f"{', '.join(IMAGE_SUFFIXES)})"
-        )
-    if vocabulary is None:
-        vocabulary = ClassVocabulary.from_names(by_class)
-    records = []
-    for cls in sorted(by_class):
-        entries = sorted(by_class[cls])
-        try:
-            class_id = vocabulary.id_of(cls)
-        except UnknownClassError as exc:
-            raise UnknownClassError(
-                f"image folder {uri}: class folder {cls!r} (e.g. image {entries[0][0]}): {exc}",
-                exc.name,
-                exc.suggestions,
-            ) from None
-        for below, f in entries:
-            image_id = f"{cls}/{posixpath.splitext(below)[0]}"
-            records.append(ImageRecord(image_id, f, (class_id,)))
+    from .columnar import read_folder_table  # it builds on this module's vocabulary and errors
+
+    table, vocabulary = read_folder_table(os.fspath(uri), options, vocabulary)
+    records = [ImageRecord.from_row(row) for row in table.to_pylist()]
     if not allow_duplicate_ids:
         _check_unique_ids(records, f"image folder {uri}", " (same name with different suffixes)")
     return records, vocabulary
