@@ -356,6 +356,9 @@ def _add_train_cam_parser(commands) -> None:
     parser.add_argument("--arch", default=backbone.arch, help="resnet18, resnet34, resnet50 or resnet101")
     parser.add_argument("--weights", default=backbone.weights,
                         help="initial backbone weights: torchvision enum name (IMAGENET1K_V1) or a local .pth file")
+    parser.add_argument("--from-scratch", action="store_true",
+                        help="no pretrained weights: train every stage and BatchNorm with batch statistics "
+                             "(what --train-batchnorm --first-trainable-stage 0 set)")
     parser.add_argument("--train-batchnorm", action="store_true",
                         help="train BatchNorm with batch statistics (needed from scratch; the paper freezes it)")
     parser.add_argument("--first-trainable-stage", type=int, default=backbone.first_trainable_stage,
@@ -379,8 +382,12 @@ def _add_train_cam_parser(commands) -> None:
             if len(long_side) != 2:
                 raise ValueError(f"--long-side must be MIN,MAX, got {args.long_side!r}")
             backbone_cfg = dataclasses.replace(
-                backbone, arch=args.arch, weights=args.weights, frozen_batchnorm=not args.train_batchnorm,
-                first_trainable_stage=args.first_trainable_stage)  # fmt: skip
+                backbone, arch=args.arch, weights=args.weights,
+                frozen_batchnorm=not (args.train_batchnorm or args.from_scratch),
+                first_trainable_stage=0 if args.from_scratch else args.first_trainable_stage)  # fmt: skip
+            if args.from_scratch and args.weights:
+                raise ValueError("--from-scratch trains random weights: drop --weights, or drop --from-scratch")
+            backbone_cfg.check_trainable()
             train_cfg = dataclasses.replace(
                 train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 backbone_lr_scale=args.backbone_lr_scale, crop_size=args.crop, rescale_long_side=long_side,

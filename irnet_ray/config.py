@@ -69,6 +69,27 @@ class BackboneConfig:
     # 0 trains everything, which from-scratch training requires.
     first_trainable_stage: int = 3
 
+    @classmethod
+    def from_scratch(cls, arch: str = "resnet50") -> "BackboneConfig":
+        """Random weights with every stage trained and batch-statistics BatchNorm: the settings
+        training without pretrained weights needs."""
+        return cls(arch=arch, weights=None, frozen_batchnorm=False, first_trainable_stage=0)
+
+    def check_trainable(self) -> None:
+        """Refuse a backbone that would train ~nothing: random weights (no ``weights``) kept as
+        they are in frozen stages or frozen BatchNorm (the paper's settings, made for a
+        pretrained backbone)."""
+        frozen = [part for part, on in (
+            (f"stages 0..{self.first_trainable_stage - 1} frozen", self.first_trainable_stage > 0),
+            ("BatchNorm frozen", self.frozen_batchnorm)) if on]  # fmt: skip
+        if self.weights is None and frozen:
+            raise ValueError(
+                f"the backbone has no pretrained weights but keeps parts of its random initialisation fixed "
+                f"({', '.join(frozen)}): it would train almost nothing. Pass weights (--weights IMAGENET1K_V1, "
+                "or a local .pth/.safetensors file), or train from scratch (--from-scratch; in Python "
+                "BackboneConfig.from_scratch(arch))"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class CamTrainConfig:

@@ -77,10 +77,17 @@ def _fails(argv, capsys) -> str:
 
 
 def test_user_mistakes_get_one_clear_line(tmp_path, capsys, s3_env):
-    runs = ["--storage", str(tmp_path / "runs"), "--run-name", "r"]
+    runs = ["--storage", str(tmp_path / "runs"), "--run-name", "r", "--from-scratch"]
     folder = tmp_path / "set"
     folder.mkdir()
     manifest, vocabulary = _image_folder(folder, count=2)
+
+    # A random backbone with the paper's frozen stages and BatchNorm would train ~nothing.
+    line = _fails(["train-cam", "--images", str(manifest), *runs[:-1]], capsys)
+    assert "no pretrained weights" in line and "--weights" in line and "--from-scratch" in line
+    assert "stages 0..2 frozen" in line and "BatchNorm frozen" in line
+    line = _fails(["train-cam", "--images", str(manifest), *runs[:-1], "--train-batchnorm"], capsys)
+    assert "stages 0..2 frozen" in line and "BatchNorm frozen" not in line
 
     # An unknown class name: the message names it and the row.
     (folder / "typo.csv").write_text("image,classes\n" f"{manifest.parent}/0.png,{vocabulary.names[0]}\n"
@@ -104,7 +111,7 @@ def test_user_mistakes_get_one_clear_line(tmp_path, capsys, s3_env):
 
     # Unreachable run storage (nothing listens on port 9).
     line = _fails(["train-cam", "--images", str(manifest), "--storage", "s3://bucket/runs", "--run-name", "r",
-                   "--endpoint-url", "http://127.0.0.1:9"], capsys)  # fmt: skip
+                   "--from-scratch", "--endpoint-url", "http://127.0.0.1:9"], capsys)  # fmt: skip
     assert "cannot reach the object store" in line and s3_env["secret_key"] not in line
 
     # A model folder that is not there, and a bad flag value.

@@ -97,3 +97,20 @@ def test_irnet_outputs_at_stride_four():
     assert raw.boundary.shape == (2, 24, 16) and raw.displacement.shape == (2, 2, 24, 16)
     assert ((raw.boundary >= 0) & (raw.boundary <= 1)).all()
     assert torch.allclose(raw.displacement - corrected.displacement, torch.tensor([0.5, -1.0]).view(1, 2, 1, 1))
+
+
+def test_a_random_backbone_with_frozen_parts_is_refused():
+    """The paper's frozen stages and BatchNorm suit pretrained weights; on random weights they
+    train ~nothing, so training refuses them (before Ray starts) and says what to pass."""
+    from irnet_ray.data.sources import ClassVocabulary, ImageRecord
+    from irnet_ray.train.ray_train import RunOptions, train_cam_job
+
+    for frozen in (BackboneConfig(arch="resnet18"), BackboneConfig(arch="resnet18", frozen_batchnorm=False),
+                   BackboneConfig(arch="resnet18", first_trainable_stage=0)):  # fmt: skip
+        with pytest.raises(ValueError, match="no pretrained weights.*--weights.*--from-scratch"):
+            train_cam_job([ImageRecord("a", "/nowhere/a.png", (1,))], ClassVocabulary(("cat",)), backbone=frozen,
+                          run=RunOptions("r", "/nowhere/runs"))  # fmt: skip
+    BackboneConfig.from_scratch("resnet18").check_trainable()
+    BackboneConfig(arch="resnet18", weights="IMAGENET1K_V1").check_trainable()
+    scratch = BackboneConfig.from_scratch("resnet18")
+    assert (scratch.weights, scratch.frozen_batchnorm, scratch.first_trainable_stage) == (None, False, 0)

@@ -619,6 +619,7 @@ def train_cam_job(
     bounds the decoded images. The final model goes to ``{storage}/{name}/model/``.
     """
     started = time.perf_counter()
+    backbone.check_trainable()
     records = list(records)
     if not records:
         raise ValueError("no image records: the CAM training set is empty")
