@@ -25,6 +25,8 @@ DEFAULT_MAX_CRASHES = 2
 #: Share of an output's images that may fail before a run ends with an error instead of a
 #: manifest (wrong credentials or a wrong image root make every image fail).
 DEFAULT_MAX_ERROR_RATE = 0.5
+#: How training crops are filled where the image is smaller (CamTrainConfig.crop_padding).
+CROP_PADDINGS = ("mean", "black")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -103,7 +105,16 @@ class CamTrainConfig:
     crop_size: int = 512
     rescale_long_side: tuple[int, int] = (320, 640)
     hflip: bool = True
+    # What fills a crop where the image is smaller: "mean" (the mean colour, i.e. zeros after
+    # normalising, as the reference pads) or "black".
+    crop_padding: str = "mean"
+    # Downscaling filters over the source pixels (as the reference's PIL resizing does) instead
+    # of sampling 4 of them.
+    antialias: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_crop_padding(self.crop_padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +136,9 @@ class CamInferenceConfig:
     # Arithmetic of the model passes: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "fp32" or
     # "bf16". Label synthesis (random walk, refinement) always runs in fp32.
     precision: str = "auto"
+    # Scales below 1 filter the source pixels (the reference downscales with PIL) instead of
+    # sampling 4 of them, which aliases thin structures at scale 0.5.
+    antialias: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,16 +162,28 @@ class RelationConfig:
 class IrnTrainConfig:
     epochs: int = 3
     batch_size: int = 32
-    lr: float = 0.1
+    # The reference's lr 0.1 / 1.0 run with momentum ~0 (its weight decay lands in SGD's
+    # momentum slot); with real momentum 0.9 the same effective step is 0.01 / 0.1.
+    lr: float = 0.01
     weight_decay: float = 1e-4
     momentum: float = 0.9
     poly_power: float = 0.9
     # The displacement branch learns ten times faster (reference: lr 1.0 vs 0.1).
     displacement_lr_scale: float = 10.0
     crop_size: int = 512
-    rescale: tuple[float, float] = (0.9, 1.1)
+    rescale: tuple[float, float] = (0.5, 1.5)
     hflip: bool = True
+    crop_padding: str = "mean"  # as CamTrainConfig
+    antialias: bool = True  # as CamTrainConfig
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_crop_padding(self.crop_padding)
+
+
+def _check_crop_padding(value: str) -> None:
+    if value not in CROP_PADDINGS:
+        raise ValueError(f"crop_padding must be one of {', '.join(CROP_PADDINGS)}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

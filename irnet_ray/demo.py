@@ -49,10 +49,9 @@ class DemoConfig:
       with one learning rate of 0.03 for head and backbone; CAMs are then inferred at full
       resolution (scale 1.0 of the 256 px image, i.e. twice the training scale), which gives
       the stride-16 CAM the spatial detail that VOC-sized images have.
-    - The displacement branch keeps the base learning rate (x1 instead of x10): on features of
-      a from-scratch backbone, x10 made the field drift (mean displacement of hundreds of px).
-    - IRNet trains on 128 px crops for 8 epochs (the reference: 512 px crops, 3 epochs of 10k
-      images).
+    - IRNet trains on 128 px crops for 8 epochs, batch 16 (the reference: 512 px crops, 3
+      epochs of 10k images, batch 32); its learning rates, rescale range, padding and filter are
+      the method's defaults.
     """
 
     data: SyntheticConfig = SyntheticConfig(num_images=384, image_size=(256, 256), num_classes=4, seed=0)
@@ -62,9 +61,7 @@ class DemoConfig:
     )
     cam_inference: CamInferenceConfig = CamInferenceConfig(scales=(1.0,))
     relations: RelationConfig = RelationConfig()
-    irn_train: IrnTrainConfig = IrnTrainConfig(
-        epochs=8, batch_size=16, crop_size=128, rescale=(0.9, 1.1), displacement_lr_scale=1.0
-    )
+    irn_train: IrnTrainConfig = IrnTrainConfig(epochs=8, batch_size=16, crop_size=128)
     synthesis: SynthesisConfig = SynthesisConfig()
     device: str = "auto"
     threads: int = 0  # 0: torch's default

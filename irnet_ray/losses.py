@@ -14,7 +14,7 @@ LOG_EPS = 1e-5
 
 @dataclass
 class IrnLosses:
-    total: torch.Tensor
+    total: torch.Tensor  # Eq. 9 / 2 (the reference's scale)
     displacement_fg: torch.Tensor  # Eq. 5
     displacement_bg: torch.Tensor  # Eq. 6
     boundary: torch.Tensor  # Eq. 8
@@ -63,12 +63,15 @@ def boundary_losses(
 def irnet_losses(
     boundary: torch.Tensor, displacement: torch.Tensor, labels: PairLabels, index: PairIndex
 ) -> IrnLosses:
-    """Eq. 9: ``L = L_fg^D + L_bg^D + L^B``."""
+    """Eq. 9, ``L = L_fg^D + L_bg^D + L^B``, halved as the reference trains it: it averages the
+    two displacement terms and the positive and negative boundary terms, ``(L_fg^D + L_bg^D) / 2
+    + (L_pos^B + L_neg^B) / 2``. The relative weights are Eq. 9's; the factor sets the step
+    size the reference's learning rates were tuned with (:class:`~.config.IrnTrainConfig`)."""
     dp_fg, dp_bg = displacement_losses(displacement, labels, index)
     b_fg, b_bg, b_neg = boundary_losses(boundary, labels, index)
     boundary_total = b_fg + b_bg + b_neg
     return IrnLosses(
-        total=dp_fg + dp_bg + boundary_total,
+        total=(dp_fg + dp_bg) / 2 + boundary_total / 2,
         displacement_fg=dp_fg,
         displacement_bg=dp_bg,
         boundary=boundary_total,

@@ -17,8 +17,10 @@ def test_cam_defaults():
         0.1, 0.1, 1e-4, 0.9, 0.9)  # fmt: skip
     assert (train.epochs, train.batch_size, train.crop_size, train.rescale_long_side, train.hflip) == (
         5, 16, 512, (320, 640), True)  # fmt: skip
+    # The reference pads crops after normalising (the mean colour) and downscales with PIL (filtered).
+    assert (train.crop_padding, train.antialias) == ("mean", True)
     inference = CamInferenceConfig()
-    assert inference.scales == (1.0, 0.5, 1.5, 2.0) and inference.flip is True
+    assert inference.scales == (1.0, 0.5, 1.5, 2.0) and inference.flip is True and inference.antialias is True
     assert inference.eval_background_threshold == 0.15
     assert inference.boundary_flip is True  # the reference averages the boundary of the image and its flip
 
@@ -36,9 +38,9 @@ def test_irnet_training_defaults():
     irn = IrnTrainConfig()
     assert (irn.epochs, irn.batch_size, irn.crop_size, irn.hflip) == (3, 32, 512, True)
     assert (irn.weight_decay, irn.momentum, irn.poly_power) == (1e-4, 0.9, 0.9)
-    # The learning rates and the rescale range are not pinned here yet: method.md asks for lr
-    # 0.01 / 0.1 (boundary / displacement, real momentum) and rescale (0.5, 1.5); the defaults
-    # (0.1 x 1 / x 10, (0.9, 1.1)) are the open fidelity fix of the label-quality issue.
+    # The reference's lr 0.1 / 1.0 run with momentum ~0: with real momentum, 0.01 / 0.1.
+    assert (irn.lr, irn.lr * irn.displacement_lr_scale) == pytest.approx((0.01, 0.1))
+    assert irn.rescale == (0.5, 1.5) and (irn.crop_padding, irn.antialias) == ("mean", True)
 
 
 def test_synthesis_defaults():

@@ -18,10 +18,13 @@ def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
 
 
-def resize(image: torch.Tensor, labels: torch.Tensor | None, size: tuple[int, int]):
+def resize(image: torch.Tensor, labels: torch.Tensor | None, size: tuple[int, int], antialias: bool = False):
+    """Bilinear for the image (``antialias``: a downscale filters over the source pixels),
+    nearest neighbour for the labels."""
     if tuple(image.shape[1:]) == tuple(size):
         return image, labels
-    image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    image = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
+                          antialias=antialias)[0]  # fmt: skip
     image = image.round().clamp(0, 255).to(torch.uint8)
     if labels is not None:
         labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8)
@@ -37,11 +40,14 @@ def augment(
     long_side_range: tuple[int, int] | None = None,
     scale_range: tuple[float, float] | None = None,
     hflip: bool = True,
+    fill: tuple[int, int, int] = (0, 0, 0),
+    antialias: bool = False,
 ):
     """Random rescale (by long side or by factor), horizontal flip, random crop to a square.
 
-    The crop pads with zeros (image) and ``IGNORE`` (labels) when the image is smaller.
-    Returns the image, the labels (or None) and the valid-pixel mask of the crop.
+    The crop pads with ``fill`` (image; the trainers pass the mean colour) and ``IGNORE``
+    (labels) when the image is smaller. Returns the image, the labels (or None) and the
+    valid-pixel mask of the crop.
     """
     height, width = image.shape[1:]
     if long_side_range is not None:
@@ -52,16 +58,17 @@ def augment(
     else:
         factor = 1.0
     size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    image, labels = resize(image, labels, size)
+    image, labels = resize(image, labels, size, antialias)
     if hflip and rng.random() < 0.5:
         image = image.flip(-1)
         labels = labels.flip(-1) if labels is not None else None
-    return random_crop(image, labels, crop_size, rng)
+    return random_crop(image, labels, crop_size, rng, fill)
 
 
-def random_crop(image: torch.Tensor, labels: torch.Tensor | None, crop_size: int, rng: np.random.Generator):
+def random_crop(image: torch.Tensor, labels: torch.Tensor | None, crop_size: int, rng: np.random.Generator,
+                fill: tuple[int, int, int] = (0, 0, 0)):  # fmt: skip
     height, width = image.shape[1:]
-    out_image = torch.zeros(3, crop_size, crop_size, dtype=image.dtype)
+    out_image = torch.tensor(fill, dtype=image.dtype).view(3, 1, 1).repeat(1, crop_size, crop_size)
     out_labels = torch.full((crop_size, crop_size), IGNORE, dtype=torch.uint8) if labels is not None else None
     valid = torch.zeros(crop_size, crop_size, dtype=torch.bool)
     # Where the image is larger, pick a window of it; where smaller, a place for it in the crop.

@@ -14,6 +14,13 @@ from irnet_ray.models.backbone import Backbone
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The mean colour as uint8 RGB: what normalises to ~0 (within 0.5/255 of a standard deviation).
+MEAN_COLOUR = tuple(round(255 * m) for m in IMAGENET_MEAN)
+
+
+def crop_fill(crop_padding: str) -> tuple[int, int, int]:
+    """The uint8 colour of a training crop's padding (``CamTrainConfig.crop_padding``)."""
+    return MEAN_COLOUR if crop_padding == "mean" else (0, 0, 0)
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
@@ -117,7 +124,7 @@ def multiscale_cams_batch(
     for scale in config.scales:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         scaled = images if size == (height, width) else F.interpolate(
-            images, size=size, mode="bilinear", align_corners=False
+            images, size=size, mode="bilinear", align_corners=False, antialias=config.antialias and scale < 1.0
         )
         if scale == 1.0 and scale_one_features is not None:
             per_view = model.cams_from_features(scale_one_features[: 2 * count if config.flip else count])

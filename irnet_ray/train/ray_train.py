@@ -256,12 +256,13 @@ def _multi_hot(classes: Any, num_classes: int) -> torch.Tensor:
 
 def _prepare_cam(rows: list[dict], rng: np.random.Generator, cfg: CamTrainConfig, num_classes: int):
     from irnet_ray.data.transforms import augment, to_chw_tensor
+    from irnet_ray.models.cam import crop_fill
 
     crops, targets = [], []
     for row in rows:
         image = to_chw_tensor(row_image(row))
         crop = augment(image, None, rng, crop_size=cfg.crop_size, long_side_range=tuple(cfg.rescale_long_side),
-                       hflip=cfg.hflip)[0]  # fmt: skip
+                       hflip=cfg.hflip, fill=crop_fill(cfg.crop_padding), antialias=cfg.antialias)[0]  # fmt: skip
         crops.append(crop)
         targets.append(_multi_hot(row["classes"], num_classes))
     return {"image": torch.stack(crops), "labels": torch.stack(targets)}
@@ -269,14 +270,16 @@ def _prepare_cam(rows: list[dict], rng: np.random.Generator, cfg: CamTrainConfig
 
 def _prepare_irn(rows: list[dict], rng: np.random.Generator, cfg: IrnTrainConfig):
     from irnet_ray.data.transforms import augment, to_chw_tensor
+    from irnet_ray.models.cam import crop_fill
     from irnet_ray.relations import downsample_labels
 
     crops, labels = [], []
     for row in rows:
         image = to_chw_tensor(row_image(row))
         label_map = torch.from_numpy(row_labels(row))
-        crop, crop_labels, _ = augment(image, label_map, rng, crop_size=cfg.crop_size,
-                                       scale_range=tuple(cfg.rescale), hflip=cfg.hflip)  # fmt: skip
+        crop, crop_labels, _ = augment(image, label_map, rng, crop_size=cfg.crop_size, scale_range=tuple(cfg.rescale),
+                                       hflip=cfg.hflip, fill=crop_fill(cfg.crop_padding),
+                                       antialias=cfg.antialias)  # fmt: skip
         crops.append(crop)
         labels.append(torch.from_numpy(np.ascontiguousarray(downsample_labels(crop_labels.numpy()))))
     return {"image": torch.stack(crops), "labels": torch.stack(labels)}
