@@ -125,8 +125,10 @@ def _run_demo(args) -> int:
 
 
 def _add_visualize_parser(commands) -> None:
+    from irnet_ray.config import VISUALIZE_DEFAULT_LIMIT as DEFAULT_LIMIT
+    from irnet_ray.config import VISUALIZE_DEFAULT_MAX_SIDE as DEFAULT_MAX_SIDE
+    from irnet_ray.config import VISUALIZE_FIGURE_NAME as FIGURE_NAME
     from irnet_ray.config import SynthesisConfig
-    from irnet_ray.visualize import DEFAULT_LIMIT, DEFAULT_MAX_SIDE, FIGURE_NAME
 
     walk = SynthesisConfig()
     parser = commands.add_parser(
@@ -413,8 +415,7 @@ def _add_train_cam_parser(commands) -> None:
 
 
 def _add_mine_relations_parser(commands) -> None:
-    from irnet_ray.config import CamInferenceConfig, RelationConfig
-    from irnet_ray.mining import MiningOptions
+    from irnet_ray.config import CamInferenceConfig, MiningOptions, RelationConfig
 
     cam, relations, mining = CamInferenceConfig(), RelationConfig(), MiningOptions()
     parser = commands.add_parser(
@@ -631,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="irnet-ray",
         description="Pixel-accurate pseudo masks from image-level labels (IRNet, CVPR 2019).",
     )
+    from irnet_ray import __version__
+
+    parser.add_argument("--version", action="version", version=f"irnet-ray {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_demo_parser(commands)

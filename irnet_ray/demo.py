@@ -21,8 +21,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from irnet_ray.config import (
     BackboneConfig,
     CamInferenceConfig,
@@ -34,7 +32,6 @@ from irnet_ray.config import (
 )
 from irnet_ray.data.storage import StorageOptions, join, normalize
 from irnet_ray.data.synthetic import SyntheticConfig
-from irnet_ray.inference import resolve_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +88,10 @@ def run_demo(
     ``output``: where the pseudo masks go (default ``{workdir}/{settings id}/labels``; any local
     path or ``s3://`` URI).
     """
+    import torch  # here, not at the top: `irnet-ray --help` builds DemoConfig's flags without torch
+
     from irnet_ray.data.sources import builtin_spec, synthetic_records
+    from irnet_ray.inference import resolve_device
     from irnet_ray.label import LabelJobConfig, label_images
     from irnet_ray.mining import MiningOptions, mine_relations_job
     from irnet_ray.train.ray_train import RunOptions, ScalingOptions, ensure_ray, train_cam_job, train_irn_job

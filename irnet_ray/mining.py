@@ -14,7 +14,6 @@ CAM model and settings mines only what is not committed (and returns at once whe
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 from typing import Sequence
@@ -24,9 +23,8 @@ import pyarrow as pa
 
 from irnet_ray import __version__
 from irnet_ray.config import (
-    DEFAULT_MAX_DECODE_BYTES,
-    DEFAULT_MAX_ERROR_RATE,
     CamInferenceConfig,
+    MiningOptions,
     RelationConfig,
     config_to_dict,
     settings_id,
@@ -50,49 +48,6 @@ __all__ = ["MiningOptions", "mine_relations_job", "CamActor", "crf_stage", "MANI
 
 MANIFEST = cl.MANIFEST
 FORMAT_VERSION = 1
-#: CPUs of one decode / write task: small, so they never starve the actors on a 2-core machine.
-DEFAULT_TASK_CPUS = 0.25
-
-
-@dataclasses.dataclass(frozen=True)
-class MiningOptions:
-    """Resources and sizes of the mining pipeline (not part of the method's settings).
-
-    ``max_actors`` and ``batch_size`` ``None``: sized from the cluster
-    (:mod:`irnet_ray.pipeline.resources`); ``use_gpu`` ``None``: when the cluster has GPUs.
-    """
-
-    max_side: int | None = None
-    min_side: int = 16  # one cell of the stride-16 CAM; smaller images are recorded as too_small
-    max_pixels: int = 50_000_000
-    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES
-    min_actors: int = 1
-    max_actors: int | None = None
-    gpus_per_actor: float = 1.0  # used only when the actors use GPUs
-    cpus_per_actor: float = 1.0
-    decode_cpus: float = DEFAULT_TASK_CPUS
-    crf_cpus: float = 0.5  # one CRF task per half core: 1 actor + CRF + decode + write fit 2 CPUs
-    write_cpus: float = DEFAULT_TASK_CPUS
-    batch_size: int | None = None
-    decode_batch_size: int = 4
-    rows_per_file: int = 256
-    use_gpu: bool | None = None
-    max_error_rate: float = DEFAULT_MAX_ERROR_RATE  # more failing images: no manifest, an error
-    max_crashes: int = DEFAULT_MAX_CRASHES  # an image that ends its worker this often becomes crashed_worker
-
-    def __post_init__(self) -> None:
-        if self.max_side is not None and int(self.max_side) < 16:
-            raise ValueError(f"MiningOptions.max_side must be >= 16 (or None), got {self.max_side}")
-        if int(self.min_actors) < 1 or (self.max_actors is not None and int(self.min_actors) > int(self.max_actors)):
-            raise ValueError(f"MiningOptions needs 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
-        for name in ("cpus_per_actor", "decode_cpus", "crf_cpus", "write_cpus"):
-            if float(getattr(self, name)) <= 0:
-                raise ValueError(f"MiningOptions.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "decode_batch_size", "rows_per_file"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ValueError(f"MiningOptions.{name} must be >= 1, got {getattr(self, name)}")
-
-
 _CAM_STREAM = pa.schema([
     pa.field("image_id", pa.string()), pa.field("uri", pa.string()), pa.field("classes", pa.list_(pa.int64())),
     pa.field("image", pa.binary()), pa.field("height", pa.int64()), pa.field("width", pa.int64()),

@@ -28,7 +28,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from irnet_ray.config import CamInferenceConfig, SynthesisConfig
+from irnet_ray.config import (
+    VISUALIZE_DEFAULT_LIMIT,
+    VISUALIZE_DEFAULT_MAX_SIDE,
+    VISUALIZE_FIGURE_NAME,
+    CamInferenceConfig,
+    SynthesisConfig,
+)
 from irnet_ray.data.storage import StorageOptions, join, write_bytes
 from irnet_ray.data.synthetic import colorize_labels
 from irnet_ray.inference import ImageInference
@@ -58,9 +64,9 @@ __all__ = [
 PANEL_TITLES = ("image", "CAM", "displacement", "boundary", "instances", "semantic")
 PANEL_GAP = 4  # white pixels between panels and between rows
 TITLE_HEIGHT = 14  # white band above each row for the panel titles
-FIGURE_NAME = "figure6.png"
-DEFAULT_LIMIT = 8  # images shown when no ids are given (the first ones of the set)
-DEFAULT_MAX_SIDE = 512  # images are downscaled to this long side first, as for labeling
+FIGURE_NAME = VISUALIZE_FIGURE_NAME
+DEFAULT_LIMIT = VISUALIZE_DEFAULT_LIMIT
+DEFAULT_MAX_SIDE = VISUALIZE_DEFAULT_MAX_SIDE
 _WHITE = 255
 
 
