@@ -128,6 +128,28 @@ def test_a_manifest_read_in_chunks_equals_one_read_whole(tmp_path, monkeypatch, 
         read_manifest_table(bad, vocabulary=VOCABULARY)
 
 
+@pytest.mark.parametrize("check_rows", [2, 65_536])
+def test_changed_files_found_a_slice_of_rows_at_a_time(monkeypatch, check_rows):
+    """A committed id whose input now names another file (other URI) or the same URI with
+    another fingerprint is changed; one whose fingerprint was unknown then is not. The check
+    runs CHECK_ROWS rows at a time (bounded memory) and finds the same rows either way."""
+    from irnet_ray.pipeline import planning
+
+    monkeypatch.setattr(planning, "CHECK_ROWS", check_rows)
+    table = table_of_records([ImageRecord(i, f"/x/{i}.jpg", (1,)) for i in "abcdef"])
+    table = table.set_column(table.schema.get_field_index("fingerprint"), "fingerprint",
+                             pa.array(["1:1", "2:2", "3:3", "4:4", "5:5", "6:6"]))  # fmt: skip
+    inputs = [[i, 0, f"/x/{i}.jpg", p] for i, p in zip("abcdef", ["1:1", "2:2", "3:9", "", "5:5", "6:6"])]
+    inputs[4][2] = "/old/e.jpg"
+    commits = [{"sequence": 0, "run_id": "r", "file": {"path": "data/p.parquet", "rows": 6, "bytes": 1},
+                "image_ids": list("abcdef"), "errors": [], "inputs": inputs}]  # fmt: skip
+    plan = plan_table(table, committed_table(commits), VOCABULARY.num_classes, "r")
+    assert plan.changed.column("image_id").to_pylist() == ["c", "e"]  # d's fingerprint was unknown then
+    assert plan.changed.column("old_uri").to_pylist() == ["/x/c.jpg", "/old/e.jpg"]
+    assert plan.changed.column("old_fingerprint").to_pylist() == ["3:9", "5:5"]
+    assert plan.skipped == 4 and plan.pending.num_rows == 0
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")

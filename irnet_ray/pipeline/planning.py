@@ -26,6 +26,8 @@ from .commit_log import COMMITS, COMMITTED_SCHEMA, committed_table, read_commit_
 __all__ = ["Plan", "plan_table", "plan_output", "committed_table", "key_column", "COMMITTED_SCHEMA"]
 
 _KEY_SEPARATOR = "\x1f"
+#: Rows of an image table checked for changed files at a time (:func:`plan_table`).
+CHECK_ROWS = 65_536
 
 @dataclasses.dataclass
 class Plan:
@@ -80,22 +82,30 @@ def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: s
     done_mask = pc.is_valid(at)
     done = np.asarray(done_mask, dtype=bool)
 
-    changed = pa.table({"image_id": [], "occurrence": [], "uri": [], "old_uri": [], "fingerprint": [],
-                        "old_fingerprint": []}, schema=pa.schema([("image_id", pa.string()), ("occurrence", pa.int64()),
-                        ("uri", pa.string()), ("old_uri", pa.string()), ("fingerprint", pa.string()),
-                        ("old_fingerprint", pa.string())]))  # fmt: skip
-    if done.any():
-        rows = pc.filter(at, done_mask)
-        uri, now_print = pc.filter(table.column("uri"), done_mask), pc.filter(table.column("fingerprint"), done_mask)
+    schema = pa.schema([("image_id", pa.string()), ("occurrence", pa.int64()), ("uri", pa.string()),
+                        ("old_uri", pa.string()), ("fingerprint", pa.string()), ("old_fingerprint", pa.string())])  # fmt: skip
+    # Committed rows whose file changed, looked for CHECK_ROWS rows at a time: a rerun of ImageNet
+    # would otherwise copy its URIs and fingerprints (~200 MB) to compare them.
+    parts = []
+    for start in range(0, table.num_rows, CHECK_ROWS):
+        part = slice(start, start + CHECK_ROWS)
+        if not done[part].any():
+            continue
+        mask = pa.array(done[part])
+        rows = pc.filter(at.slice(part.start, CHECK_ROWS), mask)
+        uri = pc.filter(table.column("uri").slice(part.start, CHECK_ROWS), mask)
+        now_print = pc.filter(table.column("fingerprint").slice(part.start, CHECK_ROWS), mask)
         old_uri, old_print = committed.column("uri").take(rows), committed.column("fingerprint").take(rows)
         other_file = pc.not_equal(uri, old_uri)
         both_known = pc.and_(pc.not_equal(pc.fill_null(old_print, ""), ""), pc.not_equal(now_print, ""))
         other_print = pc.and_(both_known, pc.not_equal(now_print, pc.fill_null(old_print, "")))
         is_changed = pc.fill_null(pc.and_(pc.is_valid(old_uri), pc.or_(other_file, other_print)), False)
         if pc.any(is_changed).as_py():
-            now = pa.table({"image_id": pc.filter(ids, done_mask), "occurrence": pa.array(occurrence[done]), "uri": uri,
-                            "old_uri": old_uri, "fingerprint": now_print, "old_fingerprint": old_print})  # fmt: skip
-            changed = now.filter(is_changed).cast(changed.schema).sort_by([("image_id", "ascending")])
+            now = pa.table({"image_id": pc.filter(ids.slice(part.start, CHECK_ROWS), mask),
+                            "occurrence": pa.array(occurrence[part][done[part]]), "uri": uri, "old_uri": old_uri,
+                            "fingerprint": now_print, "old_fingerprint": old_print})  # fmt: skip
+            parts.append(now.filter(is_changed).cast(schema))
+    changed = pa.concat_tables(parts).sort_by([("image_id", "ascending")]) if parts else schema.empty_table()
 
     # Refusals of the rows that are not committed.
     classes = table.column("classes")
