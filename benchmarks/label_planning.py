@@ -180,7 +180,10 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
         phase("read_commits")
         retried = cl.transient_errors(commits)
         committed = committed_table(commits, retried, inputs)
-        del commits, inputs  # as plan_output does
+        del commits, inputs  # as plan_output does, which then hands the freed pages back
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
         plan = plan_table(table, committed, vocabulary.num_classes, "dry-run")
         phase("plan")
         result = {"pending": plan.pending.num_rows, "skipped": plan.skipped, "refused": len(plan.errors)}
@@ -260,6 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--old-timeout", type=float, default=600.0, help="seconds the records path may take per mode")
     parser.add_argument("--outputs", default="fresh,rerun", help="which outputs to plan against (fresh, rerun)")
     parser.add_argument("--formats", default="parquet,csv", help="manifest formats (parquet, csv)")
+    parser.add_argument("--modes", default="columnar,columnar-nosnap,records",
+                        help="which planners to run (columnar, columnar-nosnap, records)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=5, metavar=("MODE", "MANIFEST", "OUTPUT", "ENDPOINT", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -294,7 +299,7 @@ def main(argv=None) -> int:
             outputs = {name: outputs[name] for name in args.outputs.split(",")}
             for output_name, output in outputs.items():
                 for fmt in args.formats.split(","):
-                    for mode in ("columnar", "columnar-nosnap", "records"):
+                    for mode in args.modes.split(","):
                         if mode == "columnar-nosnap" and output_name == "fresh":
                             continue  # no log to read: the same as columnar
                         command = [sys.executable, __file__, "--child", mode, manifests[fmt], output, endpoint,
