@@ -351,7 +351,7 @@ def _add_train_cam_parser(commands) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--images", required=True,
-                        help="image set: builtin[:key=value,...], manifest (.parquet/.csv/.jsonl), folder:ROOT, voc:ROOT")
+                        help="image set: builtin[:key=value,...], manifest (.parquet/.csv/.jsonl), folder:ROOT, voc:ROOT[?split=train_aug]")
     parser.add_argument("--vocabulary", default=None, help="JSON list of class names fixing the class ids (optional)")
     parser.add_argument("--storage", required=True, help="run storage: local folder or s3://bucket/prefix")
     parser.add_argument("--run-name", required=True, help="run name; rerunning with the same name resumes")
@@ -565,7 +565,7 @@ def _add_label_parser(commands) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--images", required=True,
-                        help="image set: builtin[:key=value,...], manifest (.parquet/.csv/.jsonl), folder:ROOT, voc:ROOT")
+                        help="image set: builtin[:key=value,...], manifest (.parquet/.csv/.jsonl), folder:ROOT, voc:ROOT[?split=train_aug]")
     parser.add_argument("--cam", default=None, help="CAM model folder (default: the one the IRNet model names)")
     parser.add_argument("--irn", required=True, help="IRNet model folder (STORAGE/RUN_NAME/model of train-irn)")
     parser.add_argument("--output", required=True, help="output folder or s3:// prefix")

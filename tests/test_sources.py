@@ -425,3 +425,32 @@ def test_sources_do_not_import_ray_or_torch():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_voc_train_aug(tmp_path):
+    """``voc:ROOT?split=train_aug`` reads DeepLab's layout of the augmented set (what the paper
+    trains on): ids from ``ImageSets/SegmentationAug/train_aug.txt`` lines of paths, classes
+    from the XML annotations, ground truth from ``SegmentationClass`` where VOC has it, else
+    ``SegmentationClassAug`` (grey-level class indices)."""
+    root = tmp_path / "VOC2012"
+    write = _local_writer(root)
+    _write_voc(write, with_masks=("2007_000032",))
+    write("ImageSets/SegmentationAug/train_aug.txt",
+          "".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in VOC_IMAGES).encode())  # fmt: skip
+    grey = Image.fromarray(np.array([[0, 12], [255, 9]], np.uint8), mode="L")
+    for image_id in VOC_IMAGES:
+        buffer = io.BytesIO()
+        grey.save(buffer, format="PNG")
+        write(f"SegmentationClassAug/{image_id}.png", buffer.getvalue())
+    records, _ = load_records(f"voc:{root}?split=train_aug")
+    assert [r.image_id for r in records] == list(VOC_IMAGES)
+    assert records[2].classes == (9, 12)
+    assert records[0].semantic_uri == str(root / "SegmentationClass" / "2007_000032.png")
+    assert records[1].semantic_uri == str(root / "SegmentationClassAug" / "2007_000039.png")
+    semantic, _ = read_voc_masks((root / "SegmentationClassAug" / "2007_000039.png").read_bytes(), None)
+    assert semantic.tolist() == [[0, 12], [255, 9]]
+    assert len(load_records(f"voc:{root}?split=val")[0]) == 1
+    with pytest.raises(ManifestError, match="available splits: train, train_aug, val"):
+        load_records(f"voc:{root}?split=trainval")
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_records(f"voc:{root}?splt=train_aug")

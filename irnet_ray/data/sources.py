@@ -425,11 +425,15 @@ def read_voc(
 ) -> tuple[list[ImageRecord], ClassVocabulary]:
     """Records of a PASCAL VOC 2012 split (the ``VOC2012`` folder as ``root_uri``).
 
-    Ids come from ``ImageSets/Segmentation/{split}.txt`` (first token of each line); images are
+    Ids come from ``ImageSets/Segmentation/{split}.txt`` (first token of each line), or, for a
+    split not there, from ``ImageSets/SegmentationAug/{split}.txt`` (the augmented set of
+    Hariharan et al. as DeepLab lays it out, ``train_aug``: 10,582 images, what the paper trains
+    on; lines ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``); images are
     ``JPEGImages/{id}.jpg``; image-level classes are every ``<object><name>`` of
     ``Annotations/{id}.xml`` (``difficult`` and ``truncated`` objects included);
-    ``SegmentationClass/{id}.png`` and ``SegmentationObject/{id}.png`` become ``semantic_uri`` /
-    ``instance_uri`` where present. The default vocabulary is :data:`VOC_CLASSES`.
+    ``SegmentationClass/{id}.png`` (else ``SegmentationClassAug/{id}.png``, class indices as
+    grey levels) and ``SegmentationObject/{id}.png`` become ``semantic_uri`` / ``instance_uri``
+    where present. The default vocabulary is :data:`VOC_CLASSES`.
 
     Missing JPEGs are not an error here (decoding records them per image) unless
     ``check_exists=True`` (:class:`MissingImageError`). Missing annotation files are an error
@@ -439,14 +443,22 @@ def read_voc(
     vocabulary = vocabulary if vocabulary is not None else ClassVocabulary(VOC_CLASSES)
     split_dir = join(root, "ImageSets", "Segmentation")
     split_file = join(split_dir, f"{split}.txt")
-    try:
-        text = read_bytes(split_file, options).decode("utf-8-sig")
-    except StorageNotFound:
-        available = _names_in(split_dir, options, ".txt")
+    text = None
+    for folder in (split_dir, join(root, "ImageSets", "SegmentationAug")):
+        try:
+            split_file = join(folder, f"{split}.txt")
+            text = read_bytes(split_file, options).decode("utf-8-sig")
+            break
+        except StorageNotFound:
+            continue
+    if text is None:
+        available = (_names_in(split_dir, options, ".txt") or set()) | (
+            _names_in(join(root, "ImageSets", "SegmentationAug"), options, ".txt") or set())  # fmt: skip
         extra = f"; available splits: {', '.join(sorted(available))}" if available else ""
         raise ManifestError(
-            f"PASCAL VOC split {split!r} not found: expected the list file {split_file}{extra} "
-            f"(layout: {root}/ImageSets/Segmentation/<split>.txt, JPEGImages/, Annotations/)"
+            f"PASCAL VOC split {split!r} not found: expected the list file {join(split_dir, f'{split}.txt')}"
+            f"{extra} (layout: {root}/ImageSets/Segmentation/<split>.txt, or ImageSets/SegmentationAug/"
+            "<split>.txt for train_aug, JPEGImages/, Annotations/)"
         ) from None
     entries: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
@@ -454,7 +466,7 @@ def read_voc(
         tokens = line.split()
         if not tokens:
             continue
-        image_id = tokens[0]
+        image_id = posixpath.splitext(posixpath.basename(tokens[0]))[0]  # "2007_000032" or "/JPEGImages/2007_000032.jpg"
         if image_id in seen:
             raise ManifestError(
                 f"{split_file}: image id {image_id!r} is listed twice (lines {seen[image_id]} and {lineno})"
@@ -475,6 +487,7 @@ def read_voc(
     remote = is_s3(root)
     xmls = _parallel(lambda e: read_bytes(join(ann_dir, f"{e[1]}.xml"), options), entries, remote)
     semantic = _names_in(join(root, "SegmentationClass"), options, ".png") or set()
+    augmented = (_names_in(join(root, "SegmentationClassAug"), options, ".png") or set()) - semantic
     instance = _names_in(join(root, "SegmentationObject"), options, ".png") or set()
 
     records = []
@@ -492,7 +505,8 @@ def read_voc(
                 image_id,
                 join(root, "JPEGImages", f"{image_id}.jpg"),
                 ids,
-                join(root, "SegmentationClass", f"{image_id}.png") if image_id in semantic else None,
+                join(root, "SegmentationClass", f"{image_id}.png") if image_id in semantic else (
+                    join(root, "SegmentationClassAug", f"{image_id}.png") if image_id in augmented else None),
                 join(root, "SegmentationObject", f"{image_id}.png") if image_id in instance else None,
                 lineno,
             )
@@ -717,7 +731,15 @@ def load_records(
         if not rest:
             raise ValueError(f"image set spec {spec!r} needs a path after '{prefix}:'")
         if prefix == "voc":
-            return read_voc(rest, options, vocabulary=vocabulary, **kwargs)
+            root, _, query = rest.partition("?")
+            settings = dict(parse_qsl(query, keep_blank_values=True)) if query else {}
+            unknown = sorted(set(settings) - {"split"})
+            if unknown:
+                raise ValueError(f"image set spec {spec!r}: unknown setting(s) {', '.join(unknown)}; "
+                                 "write voc:ROOT or voc:ROOT?split=NAME (e.g. train_aug)")  # fmt: skip
+            if "split" in settings:
+                kwargs = {**kwargs, "split": settings["split"]}
+            return read_voc(root, options, vocabulary=vocabulary, **kwargs)
         if prefix == "manifest":
             return read_manifest(rest, options, vocabulary, **kwargs)
         return read_image_folder(rest, options, vocabulary, **kwargs)
