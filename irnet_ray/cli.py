@@ -627,6 +627,56 @@ def _add_label_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
+def _add_export_parser(commands) -> None:
+    from irnet_ray.downstream.runs import DEFAULT_MIN_AREA, DEFAULT_SCORE_THRESHOLD
+
+    parser = commands.add_parser(
+        "export",
+        help="export a finished labeling output as COCO instances JSON or VOC-style segmentation PNGs",
+        description="Read the files OUTPUT/_manifest.json lists and write them for Mask R-CNN (coco) or "
+                    "DeepLab (voc) trainers. See docs/downstream.md.",
+    )
+    formats = parser.add_subparsers(dest="format", metavar="FORMAT")
+    formats.required = True
+    coco = formats.add_parser("coco", help="one COCO instances JSON (RLE masks, boxes, scores)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    coco.add_argument("--output", required=True, help="the JSON file to write (local or s3://)")
+    coco.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD,
+                      help="drop instances scoring below this (0 marks tiny fragments)")
+    coco.add_argument("--min-area", type=int, default=DEFAULT_MIN_AREA,
+                      help="drop instances smaller than this (pixels)")
+    voc = formats.add_parser("voc", help="SegmentationClass / SegmentationObject palette PNGs + ImageSets list",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    voc.add_argument("--output", required=True, help="the folder to write (local or s3://); a rerun resumes")
+    voc.add_argument("--split", default="train", help="name of the list file ImageSets/Segmentation/SPLIT.txt")
+    for sub in (coco, voc):
+        sub.add_argument("--labels", required=True, help="the --output folder of a finished `irnet-ray label` run")
+        sub.add_argument("--overwrite", action="store_true", help="replace what is at --output")
+        _add_storage_flags(sub)
+
+    def run(args) -> int:
+        from irnet_ray.downstream.export import export_coco, export_voc
+
+        try:
+            if args.format == "coco":
+                summary = export_coco(args.labels, args.output, score_threshold=args.score_threshold,
+                                      min_area=args.min_area, options=_storage_options(args), overwrite=args.overwrite)
+                line = (f"{summary['images']} image(s), {summary['annotations']} annotation(s) "
+                        f"({summary['dropped']} instance(s) below --score-threshold or --min-area dropped), "
+                        f"{summary['categories']} categories -> {summary['dest']}")
+            else:
+                summary = export_voc(args.labels, args.output, options=_storage_options(args),
+                                     overwrite=args.overwrite, split=args.split)
+                line = (f"{summary['images']} image(s): {summary['written']} written, {summary['skipped']} already "
+                        f"there; list {summary['list']}")
+        except _user_errors() as error:
+            return _fail(f"export {args.format}", error)
+        return _finish(f"export {args.format}", summary, args, [line])
+
+    coco.set_defaults(handler=run)
+    voc.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irnet-ray",
@@ -643,6 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_irn_parser(commands)
     _add_label_parser(commands)
     _add_visualize_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
