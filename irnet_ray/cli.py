@@ -199,6 +199,29 @@ def _fail(command: str, error: BaseException) -> int:
     return 2
 
 
+def _add_column_flags(parser) -> None:
+    group = parser.add_argument_group("manifest columns (for a manifest image set)")
+    group.add_argument("--image-column", default="image", help="column of the image paths or URIs")
+    group.add_argument("--classes-column", default="classes",
+                       help="column of the class names (separated by | or ;, or a JSON list)")
+    group.add_argument("--id-column", default="image_id", help="column of the image ids (default: the file names)")
+
+
+def _manifest_columns(args) -> dict:
+    """The manifest reader's column arguments given on the command line (none when the defaults)."""
+    given = {"image_column": args.image_column, "classes_column": args.classes_column, "id_column": args.id_column}
+    given = {k: v for k, v in given.items() if v != {"image_column": "image", "classes_column": "classes",
+                                                      "id_column": "image_id"}[k]}  # fmt: skip
+    if given:
+        from irnet_ray.data.sources import is_manifest_spec
+
+        if not is_manifest_spec(args.images):
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{flags} name columns of a manifest table; {args.images!r} is not a manifest "
+                             "(.parquet, .csv, .jsonl or manifest:URI)")  # fmt: skip
+    return given
+
+
 def _add_storage_flags(parser) -> None:
     group = parser.add_argument_group("storage and cluster")
     group.add_argument("--endpoint-url", default=None,
@@ -290,7 +313,7 @@ def _load_image_set(args):
         from irnet_ray.data.storage import read_bytes
 
         vocabulary = ClassVocabulary.from_json(read_bytes(args.vocabulary, _storage_options(args)))
-    records, vocabulary = load_records(args.images, _storage_options(args), vocabulary)
+    records, vocabulary = load_records(args.images, _storage_options(args), vocabulary, **_manifest_columns(args))
     return records, vocabulary
 
 
@@ -373,6 +396,7 @@ def _add_train_cam_parser(commands) -> None:
     parser.add_argument("--long-side", default="%d,%d" % train.rescale_long_side,
                         help="random long side MIN,MAX before cropping")
     parser.add_argument("--seed", type=int, default=train.seed)
+    _add_column_flags(parser)
     _add_worker_flags(parser)
     _add_storage_flags(parser)
 
@@ -451,6 +475,7 @@ def _add_mine_relations_parser(commands) -> None:
     group.add_argument("--batch-size", type=_auto_int, default="auto",
                        help="images per actor call; auto: 16 on a GPU, 4 on a CPU")
     group.add_argument("--rows-per-file", type=int, default=mining.rows_per_file)
+    _add_column_flags(parser)
     _add_output_flags(parser)
     _add_storage_flags(parser)
 
@@ -596,6 +621,7 @@ def _add_label_parser(commands) -> None:
     group.add_argument("--batch-size", type=_auto_int, default="auto",
                        help="images per actor call (one batched model call); auto: 16 on a GPU, 4 on a CPU")
     group.add_argument("--rows-per-file", type=int, default=defaults.rows_per_file, help="rows per Parquet file")
+    _add_column_flags(parser)
     _add_output_flags(parser)
     _add_storage_flags(parser)
 
@@ -616,7 +642,7 @@ def _add_label_parser(commands) -> None:
                                    overwrite=args.overwrite, lease=_lease_config(args),
                                    allow_local_output_on_cluster=args.allow_local_output_on_cluster,
                                    dry_run=args.dry_run, relabel_changed=args.relabel_changed,
-                                   ray_address=args.ray_address)  # fmt: skip
+                                   manifest_columns=_manifest_columns(args), ray_address=args.ray_address)  # fmt: skip
         except (LabelJobError, *_user_errors()) as error:
             return _fail("label", error)
         except LabelJobFailed as error:  # not a user mistake: status 1, committed work is kept

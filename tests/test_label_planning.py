@@ -216,3 +216,20 @@ def test_dry_run_counts_a_hand_made_output(models, tmp_path, capsys):
     assert main(["label", "--images", str(manifest), "--irn", models[1], "--output", str(output), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "would label 2 image(s)" in printed and "duplicate_id 1" in printed and "c: " in printed
+
+
+def test_manifest_columns_are_named_on_the_command_line(models, tmp_path, capsys):
+    """A manifest with other column names is read through --image-column / --classes-column /
+    --id-column (a dry run: nothing written, no Ray); the flags on an image set that is not a
+    manifest are one clear line, exit status 2."""
+    (tmp_path / "m.csv").write_text("path,labels,id\na.png,cat,0001\nb.png,traffic light|dog,0002\nc.png,,0003\n")
+    argv = ["label", "--images", str(tmp_path / "m.csv"), "--irn", models[1], "--output", str(tmp_path / "out"),
+            "--dry-run"]  # fmt: skip
+    assert main(argv) == 2 and "missing required column(s) 'image', 'classes'" in capsys.readouterr().err
+    assert main([*argv, "--image-column", "path", "--classes-column", "labels", "--id-column", "id"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 input row(s)" in printed and "would label 2 image(s)" in printed and "no_classes 1" in printed
+    assert not (tmp_path / "out").exists()
+    assert main(["label", "--images", "builtin:num_images=2", "--irn", models[1], "--output", str(tmp_path / "o2"),
+                 "--classes-column", "labels", "--dry-run"]) == 2  # fmt: skip
+    assert "--classes-column name columns of a manifest table" in capsys.readouterr().err

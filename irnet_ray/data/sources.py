@@ -311,6 +311,15 @@ def _check_exists(records: Sequence[ImageRecord], options: StorageOptions, what:
 # manifests
 
 
+def is_manifest_spec(spec: str) -> bool:
+    """Whether an image-set spec names a manifest table (``manifest:URI`` or a table file)."""
+    spec = os.fspath(spec).strip()
+    prefix, sep, rest = spec.partition(":")
+    if sep and not rest.startswith("//") and prefix in ("manifest", "voc", "folder", "builtin"):
+        return prefix == "manifest"
+    return posixpath.splitext(spec.lower())[1] in _MANIFEST_FORMATS
+
+
 def read_manifest(
     uri: str,
     options: StorageOptions = StorageOptions(),

@@ -13,14 +13,14 @@ from __future__ import annotations
 import collections
 import time
 import uuid
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import pyarrow as pa
 
 from irnet_ray import __version__
 from irnet_ray.data import output_format as of
 from irnet_ray.data.columnar import load_table, table_of_records
-from irnet_ray.data.sources import ClassVocabulary, EmptyImageSetError, ImageRecord, load_records
+from irnet_ray.data.sources import ClassVocabulary, EmptyImageSetError, ImageRecord, is_manifest_spec, load_records
 from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
@@ -50,8 +50,10 @@ LabelJobFailed = PipelineFailed
 
 
 def _records(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
-             options: StorageOptions) -> list[ImageRecord]:  # fmt: skip
-    if isinstance(images, str):
+             options: StorageOptions, columns: Mapping[str, str]) -> list[ImageRecord]:  # fmt: skip
+    if isinstance(images, str) and columns:
+        records, _ = load_records(images, options, vocabulary=vocabulary, allow_duplicate_ids=True, **columns)
+    elif isinstance(images, str):
         # A repeated image id becomes a per-image error (duplicate_id) instead of refusing the
         # whole set, where the source can list one (manifests, folder trees). Sources whose ids
         # are unique by construction (built-in, VOC) take no such option: a TypeError raised
@@ -70,16 +72,19 @@ def _records(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
 
 
 def _image_table(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
-                 options: StorageOptions) -> pa.Table:  # fmt: skip
+                 options: StorageOptions, columns: Mapping[str, str]) -> pa.Table:  # fmt: skip
     """The image set as an Arrow image table: columnar for manifests and ``folder:`` trees (no
-    Python object per row, fingerprints from listings), from records for the other sources."""
+    Python object per row, fingerprints from listings), from records for the other sources.
+    ``columns``: the manifest reader's column arguments (``image_column=`` etc.)."""
     if isinstance(images, str):
-        loaded = load_table(images, options, vocabulary)
+        if columns and not is_manifest_spec(images):
+            raise ValueError(f"column names ({', '.join(columns)}) apply to manifest tables; {images!r} is not one")
+        loaded = load_table(images, options, vocabulary, **columns)
         if loaded is not None:
             if loaded[0].num_rows == 0:
                 raise EmptyImageSetError("the image set is empty: nothing to label")
             return loaded[0]
-    return table_of_records(_records(images, vocabulary, options))
+    return table_of_records(_records(images, vocabulary, options, columns))
 
 
 def _changed_message(output: str, changed: pa.Table) -> str:
@@ -179,6 +184,7 @@ def label_images(
     allow_local_output_on_cluster: bool = False,
     dry_run: bool = False,
     relabel_changed: bool = False,
+    manifest_columns: Mapping[str, str] | None = None,
     ray_address: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -206,6 +212,9 @@ def label_images(
     (another URI, or another size or modification time of its file) refuses the run, naming the
     first few; ``relabel_changed`` labels them again instead (the old rows are withdrawn through
     commits; committed files are never deleted).
+
+    ``manifest_columns``: the manifest's column names when they are not the defaults
+    (``image_column``, ``classes_column``, ``id_column``, ``semantic_column``, ``instance_column``).
     """
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -215,7 +224,7 @@ def label_images(
     output = normalize(output_uri)
     models = check_model_pair(cam_model_uri, irn_model_uri, storage_options)
     vocabulary = ClassVocabulary(models.vocabulary)
-    table = _image_table(images, vocabulary, storage_options)
+    table = _image_table(images, vocabulary, storage_options, dict(manifest_columns or {}))
     if dry_run:
         summary = _dry_run(output, table, vocabulary.num_classes, storage_options, relabel_changed)
         log(format_plan(summary))
