@@ -89,7 +89,7 @@ def test_train_cam_job_submitted_to_a_cluster(ray_head, tmp_path):
 
     # A user mistake inside a submitted job: the job fails with the one-line message in its logs.
     failed = _submit(address, env, "jobs/train_cam.py", "--images", str(tmp_path / "nowhere"), "--storage",
-                     str(storage), "--run-name", "other")  # fmt: skip
+                     str(storage), "--run-name", "other", "--from-scratch")  # fmt: skip
     assert failed.returncode != 0
     assert "irnet-ray train-cam: image set not found" in failed.stdout + failed.stderr
     assert "Traceback" not in failed.stdout
