@@ -201,17 +201,17 @@ def _fail(command: str, error: BaseException) -> int:
 
 def _add_column_flags(parser) -> None:
     group = parser.add_argument_group("manifest columns (for a manifest image set)")
-    group.add_argument("--image-column", default="image", help="column of the image paths or URIs")
-    group.add_argument("--classes-column", default="classes",
-                       help="column of the class names (separated by | or ;, or a JSON list)")
-    group.add_argument("--id-column", default="image_id", help="column of the image ids (default: the file names)")
+    # No argparse defaults: the reader's own (image, classes, image_id) apply unless a flag is given.
+    group.add_argument("--image-column", help="column of the image paths or URIs (default: image)")
+    group.add_argument("--classes-column",
+                       help="column of the class names, separated by | or ;, or a JSON list (default: classes)")
+    group.add_argument("--id-column", help="column of the image ids (default: image_id, else the file names)")
 
 
 def _manifest_columns(args) -> dict:
-    """The manifest reader's column arguments given on the command line (none when the defaults)."""
-    given = {"image_column": args.image_column, "classes_column": args.classes_column, "id_column": args.id_column}
-    given = {k: v for k, v in given.items() if v != {"image_column": "image", "classes_column": "classes",
-                                                      "id_column": "image_id"}[k]}  # fmt: skip
+    """The manifest reader's column arguments given on the command line."""
+    given = {name: getattr(args, name) for name in ("image_column", "classes_column", "id_column")}
+    given = {name: value for name, value in given.items() if value is not None}
     if given:
         from irnet_ray.data.sources import is_manifest_spec
 
