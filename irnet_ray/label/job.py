@@ -50,10 +50,8 @@ LabelJobFailed = PipelineFailed
 
 
 def _records(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
-             options: StorageOptions, columns: Mapping[str, str]) -> list[ImageRecord]:  # fmt: skip
-    if isinstance(images, str) and columns:
-        records, _ = load_records(images, options, vocabulary=vocabulary, allow_duplicate_ids=True, **columns)
-    elif isinstance(images, str):
+             options: StorageOptions) -> list[ImageRecord]:  # fmt: skip
+    if isinstance(images, str):
         # A repeated image id becomes a per-image error (duplicate_id) instead of refusing the
         # whole set, where the source can list one (manifests, folder trees). Sources whose ids
         # are unique by construction (built-in, VOC) take no such option: a TypeError raised
@@ -84,7 +82,8 @@ def _image_table(images: str | Sequence[ImageRecord], vocabulary: ClassVocabular
             if loaded[0].num_rows == 0:
                 raise EmptyImageSetError("the image set is empty: nothing to label")
             return loaded[0]
-    return table_of_records(_records(images, vocabulary, options, columns))
+    # Not a manifest or a folder tree (column names were refused above): records, small sets.
+    return table_of_records(_records(images, vocabulary, options))
 
 
 def _changed_message(output: str, changed: pa.Table) -> str:
