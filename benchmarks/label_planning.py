@@ -6,9 +6,14 @@ names to ids, refuse bad rows, skip committed ids. Two implementations, each mod
 subprocess (its ``VmHWM`` is the driver's peak memory for that mode alone):
 
 * ``columnar``: :func:`irnet_ray.data.columnar.load_table` (pyarrow; one listing per image
-  folder for fingerprints) + the steps of :func:`irnet_ray.pipeline.planning.plan_output`, timed apart (commit log
+  folder for fingerprints) + the steps of :func:`irnet_ray.pipeline.planning.read_committed` and ``plan_table``, timed apart (commit log
   read from its snapshot -> committed keys table -> ``pc.is_in`` anti-join, vectorised refusals). No Ray.
-* ``columnar-nosnap``: the same, with the commit log read record by record (every JSON record,
+* ``ray``: what a labeling run does (:mod:`irnet_ray.pipeline.inputs`): a local Ray started as
+  the job starts it, the manifest read and normalised by Ray Data (``read_parquet`` /
+  ``read_csv``), planned block by block against the committed keys; the driver holds the
+  committed keys, an 8-byte id hash a row and the rows that are not plainly pending. The peak
+  is the driver's alone (the blocks are in Ray's object store and workers).
+* ``columnar-nosnap``: the same as ``columnar``, with the commit log read record by record (every JSON record,
   as before the log had snapshots, and as a rerun after a crash reads the records newer than the
   last snapshot).
 * ``records``: main's path before both: ``load_records`` (one ``ImageRecord`` per row), every JSON
@@ -149,7 +154,7 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
     from irnet_ray.data.storage import StorageNotFound, exists, join
     from irnet_ray.pipeline import commit_log as cl
 
-    def read_log() -> tuple[list[dict], object]:  # as plan_output / prepare_output read it
+    def read_log() -> tuple[list[dict], object]:  # as read_committed / prepare_output read it
         try:
             return cl.read_commit_log(output, options) if exists(join(output, cl.COMMITS), options) else ([], None)
         except StorageNotFound:
@@ -170,7 +175,7 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
         last = now
 
     if mode in ("columnar", "columnar-nosnap"):
-        # plan_output's steps (pipeline/planning.py), timed one by one.
+        # read_committed's and plan_table's steps (pipeline/planning.py), timed one by one.
         from irnet_ray.data.columnar import load_table
         from irnet_ray.pipeline.planning import committed_table, plan_table
 
@@ -180,13 +185,28 @@ def run_mode(mode: str, manifest: str, output: str, endpoint: str | None, names:
         phase("read_commits")
         retried = cl.transient_errors(commits)
         committed = committed_table(commits, retried, inputs)
-        del commits, inputs  # as plan_output does, which then hands the freed pages back
+        del commits, inputs  # as read_committed does, which then hands the freed pages back
         import pyarrow as pa
 
         pa.default_memory_pool().release_unused()
         plan = plan_table(table, committed, vocabulary.num_classes, "dry-run")
         phase("plan")
         result = {"pending": plan.pending.num_rows, "skipped": plan.skipped, "refused": len(plan.errors)}
+    elif mode == "ray":
+        # The labeling job's streamed path (pipeline/inputs.py): Ray Data reads and plans the
+        # blocks; the driver holds the committed keys, one 8-byte hash a row and the side rows.
+        from irnet_ray.pipeline.inputs import plan_dataset, read_image_dataset
+        from irnet_ray.pipeline.planning import read_committed
+        from irnet_ray.train.ray_train import ensure_ray
+
+        ensure_ray(include_dashboard=False)  # the object store the job starts with (256 MiB; blocks spill)
+        phase("ray_start")
+        committed, _ = read_committed(output, options)
+        phase("read_commits")
+        plan = plan_dataset(read_image_dataset(manifest, options, vocabulary), committed, vocabulary.num_classes,
+                            "dry-run", "empty")  # fmt: skip
+        phase("load_and_plan")
+        result = {"pending": plan.to_send, "skipped": plan.skipped, "refused": len(plan.errors)}
     else:
         from irnet_ray.data.sources import load_records
 
@@ -263,8 +283,8 @@ def main(argv=None) -> int:
     parser.add_argument("--old-timeout", type=float, default=600.0, help="seconds the records path may take per mode")
     parser.add_argument("--outputs", default="fresh,rerun", help="which outputs to plan against (fresh, rerun)")
     parser.add_argument("--formats", default="parquet,csv", help="manifest formats (parquet, csv)")
-    parser.add_argument("--modes", default="columnar,columnar-nosnap,records",
-                        help="which planners to run (columnar, columnar-nosnap, records)")
+    parser.add_argument("--modes", default="columnar,ray,columnar-nosnap,records",
+                        help="which planners to run (columnar, ray, columnar-nosnap, records)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=5, metavar=("MODE", "MANIFEST", "OUTPUT", "ENDPOINT", "NAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -307,7 +327,7 @@ def main(argv=None) -> int:
                         row = {"output": output_name, "format": fmt, "mode": mode}
                         try:
                             done = subprocess.run(command, capture_output=True, text=True,
-                                                  timeout=args.old_timeout if mode != "columnar" else None)  # fmt: skip
+                                                  timeout=args.old_timeout if mode not in ("columnar", "ray") else None)  # fmt: skip
                         except subprocess.TimeoutExpired:
                             row.update(timed_out=True, seconds=args.old_timeout)
                         else:

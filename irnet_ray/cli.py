@@ -305,6 +305,12 @@ def _run_options(args):
     return run
 
 
+def _add_inputs_flag(parser, default: str = "auto (ray)") -> None:
+    parser.add_argument("--inputs", choices=("auto", "ray", "driver"), default="auto",
+                        help="where a manifest or folder: tree is read and planned: ray (Ray Data blocks in the object "
+                             "store; the driver holds 8 bytes a row), driver (pyarrow in this process), " + default)
+
+
 def _load_image_set(args):
     from irnet_ray.data.sources import ClassVocabulary, load_records
 
@@ -476,6 +482,7 @@ def _add_mine_relations_parser(commands) -> None:
                        help="images per actor call; auto: 16 on a GPU, 4 on a CPU")
     group.add_argument("--rows-per-file", type=int, default=mining.rows_per_file)
     _add_column_flags(parser)
+    _add_inputs_flag(parser)
     _add_output_flags(parser)
     _add_storage_flags(parser)
 
@@ -486,13 +493,12 @@ def _add_mine_relations_parser(commands) -> None:
 
         def job() -> int:
             options = _storage_options(args)
-            meta = model_files.read_model_meta(args.cam, options, "--cam")
-            if not args.vocabulary:  # class names resolve to the ids the CAM model was trained with
-                from irnet_ray.data.sources import load_records
+            model_files.read_model_meta(args.cam, options, "--cam")  # a wrong path fails before Ray starts
+            vocabulary = None  # class names resolve to the ids the CAM model was trained with
+            if args.vocabulary:
+                from irnet_ray.data.storage import read_bytes
 
-                records, _ = load_records(args.images, options, ClassVocabulary(tuple(meta["vocabulary"])))
-            else:
-                records, _ = _load_image_set(args)
+                vocabulary = ClassVocabulary.from_json(read_bytes(args.vocabulary, options))
             mining_options = dataclasses.replace(
                 mining, max_side=args.max_side, min_actors=args.min_actors, max_actors=args.max_actors,
                 gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, crf_cpus=args.crf_cpus,
@@ -502,10 +508,12 @@ def _add_mine_relations_parser(commands) -> None:
                                                 bg_threshold=args.bg_threshold, crf_iterations=args.crf_iterations)
             cam_cfg = dataclasses.replace(cam, scales=_numbers("--scales", args.scales, float))
             _connect(args)
-            summary = mine_relations_job(records, args.cam, args.output, cam_inference=cam_cfg,
+            summary = mine_relations_job(args.images, args.cam, args.output, cam_inference=cam_cfg,
                                          relations=relations_cfg, options=mining_options, storage_options=options,
                                          overwrite=args.overwrite, lease=_lease_config(args),
-                                         allow_local_output_on_cluster=args.allow_local_output_on_cluster)  # fmt: skip
+                                         allow_local_output_on_cluster=args.allow_local_output_on_cluster,
+                                         vocabulary=vocabulary, manifest_columns=_manifest_columns(args),
+                                         inputs=args.inputs)  # fmt: skip
             return _finish("mine-relations", summary, args, [
                 f"IR labels: {summary['output']}" + (" (already complete)" if summary.get("already_complete") else ""),
                 f"  {summary['mined']} of {summary['images']} images mined into {len(summary['files'])} file(s)",
@@ -606,7 +614,9 @@ def _add_label_parser(commands) -> None:
                         help="share of the images that may fail; above it the run ends with status 1 and no manifest")
     parser.add_argument("--dry-run", action="store_true",
                         help="read the image set and the output's commit log, print how many images would be labeled, "
-                             "skipped, refused (per reason), retried and changed, and exit without starting Ray")
+                             "skipped, refused (per reason), retried and changed, and exit without starting actors "
+                             "(and without Ray, unless --inputs ray)")
+    _add_inputs_flag(parser, "auto (ray for a run, driver for --dry-run)")
     parser.add_argument("--relabel-changed", action="store_true",
                         help="label again the committed image ids whose file changed (another URI, size or "
                              "modification time) instead of refusing the run")
@@ -642,7 +652,8 @@ def _add_label_parser(commands) -> None:
                                    overwrite=args.overwrite, lease=_lease_config(args),
                                    allow_local_output_on_cluster=args.allow_local_output_on_cluster,
                                    dry_run=args.dry_run, relabel_changed=args.relabel_changed,
-                                   manifest_columns=_manifest_columns(args), ray_address=args.ray_address)  # fmt: skip
+                                   manifest_columns=_manifest_columns(args), inputs=args.inputs,
+                                   ray_address=args.ray_address)  # fmt: skip
         except (LabelJobError, *_user_errors()) as error:
             return _fail("label", error)
         except LabelJobFailed as error:  # not a user mistake: status 1, committed work is kept

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -29,17 +29,16 @@ from irnet_ray.config import (
     config_to_dict,
     settings_id,
 )
-from irnet_ray.data.columnar import table_of_records
 from irnet_ray.data.decode import encode_png
 from irnet_ray.data.images import class_ids, row_image
 from irnet_ray.data.output_format import resize_nearest
 from irnet_ray.data.ray_datasets import IR_FORMAT_NAME, IR_LABEL_SCHEMA
-from irnet_ray.data.sources import ImageRecord
+from irnet_ray.data.sources import ClassVocabulary, ImageRecord
 from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import CamModelRef, assert_no_secrets, check_cam_model, load_checked_cam
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.attempts import DEFAULT_MAX_CRASHES, guarded
-from irnet_ray.pipeline.planning import plan_table
+from irnet_ray.pipeline.inputs import open_image_set, reads_with_ray
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import CpuStage, LeaseConfig, PipelineSpec, finish_output, open_output, run_pipeline
 from irnet_ray.pipeline.stages import ERROR_COLUMNS, FINGERPRINT, ModelActor, error_fields, text_of
@@ -123,7 +122,7 @@ def _crf_row(row: dict, config: RelationConfig) -> dict:
 
 
 def mine_relations_job(
-    records: Sequence[ImageRecord],
+    records: str | Sequence[ImageRecord],
     cam_model_uri: str,
     output_uri: str,
     *,
@@ -134,9 +133,17 @@ def mine_relations_job(
     overwrite: bool = False,
     lease: LeaseConfig = LeaseConfig(),
     allow_local_output_on_cluster: bool = False,
+    vocabulary: ClassVocabulary | None = None,
+    manifest_columns: Mapping[str, str] | None = None,
+    inputs: str = "auto",
     ray_address: str | None = None,
 ) -> dict:
-    """Mine IR labels for ``records`` with the CAM model at ``cam_model_uri`` into ``output_uri``.
+    """Mine IR labels for ``records`` (records, or an image-set spec as
+    :func:`~irnet_ray.data.sources.load_records` takes) with the CAM model at ``cam_model_uri``
+    into ``output_uri``. A spec's class names resolve with ``vocabulary`` (default: the CAM
+    model's); ``manifest_columns`` names a manifest's columns; ``inputs`` says where a manifest or
+    ``folder:`` tree is read and planned (``"auto"``/``"ray"``: Ray Data, the driver holding 8 bytes
+    a row; ``"driver"``: pyarrow in this process; see :mod:`irnet_ray.pipeline.inputs`).
 
     Returns a summary (``output``, ``images``, ``mined``, ``errors`` (``[{image_id, error}]`` with
     ``error`` = ``"<reason>: <message>"``), ``files``, ``seconds``, ``already_complete``).
@@ -145,9 +152,11 @@ def mine_relations_job(
     and a local output on a multi-node cluster (unless ``allow_local_output_on_cluster``).
     """
     started = time.perf_counter()
-    records = list(records)
-    if not records:
-        raise ValueError("no image records: the relation-mining set is empty")
+    empty = "no image records: the relation-mining set is empty"
+    if not isinstance(records, str):
+        records = list(records)
+        if not records:
+            raise ValueError(empty)
     cam = check_cam_model(cam_model_uri, storage_options)
     output = normalize(output_uri)
     settings = {"cam_inference": config_to_dict(cam_inference), "relations": config_to_dict(relations),
@@ -158,22 +167,29 @@ def mine_relations_job(
            "settings_id": settings_id(settings), "settings_name": "mining", "vocabulary": list(cam.vocabulary),
            "irnet_ray_version": __version__}  # fmt: skip
     run_id = uuid.uuid4().hex[:12]
+    with_ray = reads_with_ray(records, inputs)
+    if with_ray:
+        from irnet_ray.train.ray_train import ensure_ray
+
+        ensure_ray(address=ray_address)
+    image_set = open_image_set(records, vocabulary or ClassVocabulary(tuple(cam.vocabulary)), storage_options,
+                               columns=manifest_columns, with_ray=with_ray, empty_message=empty)  # fmt: skip
     with open_output(output, job, storage_options, overwrite, run_id, lease=lease,
                      allow_local_output_on_cluster=allow_local_output_on_cluster) as (state, committer):
-        inputs = plan_table(table_of_records(records), committer.committed_table(), len(cam.vocabulary), run_id)
-        if inputs.changed.num_rows:
+        planned = image_set.plan(committer.committed_table(), len(cam.vocabulary), run_id)
+        if planned.changed.num_rows:
             examples = "; ".join(f"{r['image_id']}: {r['old_uri']} -> {r['uri']}"
-                                 for r in inputs.changed.slice(0, 3).to_pylist())  # fmt: skip
+                                 for r in planned.changed.slice(0, 3).to_pylist())  # fmt: skip
             raise cl.JobInputError(
-                f"{inputs.changed.num_rows} image id(s) mined into {output} now name another file (e.g. {examples}); "
+                f"{planned.changed.num_rows} image id(s) mined into {output} now name another file (e.g. {examples}); "
                 "pass --overwrite (overwrite=True) to mine the set again, or choose another output folder"
             )
-        pending, input_errors, skipped = inputs.pending, inputs.errors, inputs.skipped
+        pending, input_errors, skipped = planned.send(), planned.errors, planned.skipped
         if input_errors:
-            committer.commit({"file": None, "image_ids": [], "errors": input_errors, "inputs": inputs.inputs})
-        already_complete = state.previous_manifest is not None and not pending.num_rows and not input_errors
+            committer.commit({"file": None, "image_ids": [], "errors": input_errors, "inputs": planned.inputs})
+        already_complete = state.previous_manifest is not None and not planned.to_send and not input_errors
         plan = None
-        if pending.num_rows:
+        if planned.to_send:
             from irnet_ray.train.ray_train import ensure_ray
 
             ensure_ray(address=ray_address)
@@ -199,8 +215,7 @@ def mine_relations_job(
                 rows_per_file=options.rows_per_file,
             )  # fmt: skip
             run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes)
-        expected = {(i, 0) for i in pending.column("image_id").to_pylist()} | {
-            (e["image_id"], e["occurrence"]) for e in input_errors}  # fmt: skip
+        expected = planned.expected()
         standing = committer.standing
         errors = [{"image_id": e["image_id"], "error": f"{e['reason']}: {e['message']}"}
                   for c in standing for e in c.get("errors", [])]  # fmt: skip
@@ -209,7 +224,7 @@ def mine_relations_job(
             from irnet_ray.data.images import summarize_errors
 
             raise ValueError(f"relation mining produced no IR labels: every image failed ({summarize_errors(errors)})")
-        summary = {"output": output, "images": len(records), "mined": mined, "errors": errors,
+        summary = {"output": output, "images": planned.rows, "mined": mined, "errors": errors,
                    "mined_this_run": committer.processed, "skipped": skipped,
                    "use_gpu": bool(plan and plan.use_gpu), "seconds": time.perf_counter() - started}  # fmt: skip
         manifest = finish_output(output, committer, expected, storage_options,

@@ -22,7 +22,7 @@ def test_benchmark_plans_both_ways(tmp_path):
     pytest.importorskip("moto.server")
     out = tmp_path / "planning.json"
     command = [sys.executable, str(SCRIPT), "--rows", str(ROWS), "--commits", str(COMMITS), "--old-timeout", "60",
-               "--json", str(out)]  # fmt: skip
+               "--modes", "columnar,columnar-nosnap,records", "--json", str(out)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=110)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| output | manifest | mode | seconds | driver peak MiB |" in done.stdout
@@ -44,3 +44,21 @@ def test_benchmark_plans_both_ways(tmp_path):
     for r in results:
         by_input.setdefault((r["output"], r["format"]), set()).add((r["pending"], r["skipped"], r["refused"]))
     assert all(len(plans) == 1 for plans in by_input.values()), by_input
+
+
+@pytest.mark.timeout(180)
+def test_benchmark_plans_with_ray_data_as_in_the_driver(tmp_path):
+    """The labeling run's path (Ray Data blocks, a local Ray started in the child) on a rerun over
+    commit records plans what the driver's columnar planner plans, and reports its phases."""
+    pytest.importorskip("moto.server")
+    out = tmp_path / "planning.json"
+    command = [sys.executable, str(SCRIPT), "--rows", str(ROWS), "--commits", str(COMMITS), "--modes", "columnar,ray",
+               "--formats", "csv", "--outputs", "rerun", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=170)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"columnar", "ray"}
+    assert set(results["ray"]["phases"]) == {"ray_start", "read_commits", "load_and_plan"}
+    for row in results.values():
+        assert (row["pending"], row["skipped"], row["refused"]) == (0, ROWS, 0), row
+        assert row["peak_rss_mib"] > 0 and row["phases"]["read_commits"] > 0, row

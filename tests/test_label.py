@@ -503,7 +503,8 @@ def test_a_finished_output_is_kept_other_models_are_refused_and_overwrite_starts
 
 
 @pytest.mark.timeout(240)
-def test_the_bad_input_corpus_ends_labeled_or_in_errors_with_its_reason(ray_cluster, tmp_path):
+@pytest.mark.parametrize("inputs", ["ray", "driver"])  # the set read by Ray Data (a run's default) or in the driver
+def test_the_bad_input_corpus_ends_labeled_or_in_errors_with_its_reason(ray_cluster, tmp_path, inputs):
     from bad_inputs import build_bad_input_corpus, corpus_records
 
     manifest_path, names, expectations = build_bad_input_corpus(tmp_path / "corpus")
@@ -516,7 +517,7 @@ def test_the_bad_input_corpus_ends_labeled_or_in_errors_with_its_reason(ray_clus
     # id must become per-row errors, not a refusal of the whole file.
     # A corpus of mostly bad inputs: accepted whatever the share of errors.
     config = dataclasses.replace(CONFIG, max_side=64, max_error_rate=1.0)
-    summary = label_images(str(manifest_path), None, irn_uri, str(output), config)
+    summary = label_images(str(manifest_path), None, irn_uri, str(output), config, inputs=inputs)
     _, labels, errors = _assert_exactly_once(records, output)
     labeled = {r["image_id"]: r for r in labels}
     reasons = collections.defaultdict(set)

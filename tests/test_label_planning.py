@@ -169,6 +169,7 @@ def _error(image_id, reason, uri, occurrence=0):
                            reason=reason, message="m", run_id="r0")  # fmt: skip
 
 
+@pytest.mark.timeout(300)
 def test_dry_run_counts_a_hand_made_output(models, tmp_path, capsys):
     """Output: 3 images labeled (one of them since rewritten), 1 transient error, 1 permanent error,
     a duplicate id refused; input: those plus 2 new images. Nothing is written, Ray never starts."""
@@ -216,6 +217,14 @@ def test_dry_run_counts_a_hand_made_output(models, tmp_path, capsys):
     assert main(["label", "--images", str(manifest), "--irn", models[1], "--output", str(output), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "would label 2 image(s)" in printed and "duplicate_id 1" in printed and "c: " in printed
+
+    # Planned as a run plans it (Ray Data blocks, pipeline/inputs.py): the same counts.
+    try:
+        streamed = label_images(str(manifest), *models, str(output), dry_run=True, inputs="ray")
+    finally:
+        ray.shutdown()
+    assert streamed == summary
+    assert sorted(p.relative_to(output) for p in output.rglob("*")) == before
 
 
 def test_manifest_columns_are_named_on_the_command_line(models, tmp_path, capsys):

@@ -6,11 +6,14 @@ before any work starts. The readers here return one ``pyarrow.Table`` of :data:`
 built with ``pyarrow.compute`` (class names -> ids, relative paths, ids from file names), and the
 listings they need run in parallel, one request stream per folder.
 
-The tables are read in the driver with pyarrow, not with Ray Data: a manifest is one object (one
-GET), its Arrow form is ~100 bytes a row (~130 MB for ImageNet), and planning (``--dry-run``)
-then needs no Ray cluster at all. Rows are normalised :data:`CHUNK_ROWS` at a time (Parquet is
-also read that way), so the reader's intermediate columns stay a few MB instead of several
-copies of the table. ``docs/benchmarks.md`` ("Labeling: planning") has the figures.
+The readers here run in one process with pyarrow: the driver's path for ``--dry-run`` (no Ray
+needed) and for the training jobs. A labeling run reads the same sets with Ray Data instead
+(:mod:`irnet_ray.pipeline.inputs`), block by block with the same normalising functions
+(:func:`_normalize_chunk`, :func:`add_fingerprints`, :class:`FolderTree`), so that its driver
+never holds every row. Here rows are normalised :data:`CHUNK_ROWS` at a time (Parquet is also
+read that way), so the reader's intermediate columns stay a few MB instead of several copies of
+the table (~100 bytes a row in Arrow: ~130 MB for ImageNet). ``docs/benchmarks.md``
+("Labeling: planning") has the figures of both paths.
 
 Class cells are a list column (names, or ids 1..C with a vocabulary) or a string column with
 names separated by ``|`` or ``;`` (:data:`CLASS_SEPARATORS`), never by spaces or commas
@@ -25,6 +28,8 @@ Nothing here imports Ray or torch.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import io
 import json
 import os
@@ -167,7 +172,13 @@ def _class_tokens(cells: pa.ChunkedArray | pa.Array, uri: str, column: str,
     return flat, parents
 
 
-def _json_class_cells(cells: pa.Array, uri: str, column: str, first_row: int) -> pa.Array:
+def _row_where(row: int, first_row: int | None, image: str | None, unknown: str = "") -> str:
+    """Where a chunk's ``row`` is, for messages: its manifest row (when ``first_row`` is known)
+    and ``image``; ``unknown`` when neither is known."""
+    return _where(None if first_row is None else row + first_row, image) or unknown
+
+
+def _json_class_cells(cells: pa.Array, uri: str, column: str, first_row: int | None) -> pa.Array:
     """String class cells where some hold a JSON list (``["cat", "traffic light"]``): those
     parsed, the others split at :data:`CLASS_SEPARATORS` (in Python: such manifests are rare)."""
     split = re.compile(f"[{re.escape(CLASS_SEPARATORS)}]")
@@ -179,10 +190,12 @@ def _json_class_cells(cells: pa.Array, uri: str, column: str, first_row: int) ->
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ManifestError(f"manifest {uri}: row {row + first_row}: column {column!r} holds {text!r}, which starts "
+            raise ManifestError(f"manifest {uri}: {_row_where(row, first_row, None, 'a row')}: column {column!r} holds "
+                                f"{text!r}, which starts "
                                 f"like a JSON list but is not one ({exc.msg})") from None  # fmt: skip
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ManifestError(f"manifest {uri}: row {row + first_row}: column {column!r}: a JSON cell must be a list of "
+            raise ManifestError(f"manifest {uri}: {_row_where(row, first_row, None, 'a row')}: column {column!r}: a JSON "
+                                "cell must be a list of "
                                 f"class names, got {text!r}")  # fmt: skip
         out.append(value)
     return pa.array(out, pa.list_(pa.string()))
@@ -198,7 +211,7 @@ def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary, uri: str, 
         bad = np.flatnonzero((ids < 1) | (ids > vocabulary.num_classes))
         if len(bad):
             row = int(parents[bad[0]])
-            raise UnknownClassError(f"manifest {uri}: {_where(row + first_row, images[row].as_py())}: class id "
+            raise UnknownClassError(f"manifest {uri}: {_row_where(row, first_row, images[row].as_py())}: class id "
                                     f"{ids[bad[0]]} out of range 1..{vocabulary.num_classes}", str(ids[bad[0]]))  # fmt: skip
     else:
         index = pc.index_in(flat, value_set=pa.array(vocabulary.names, pa.string()))
@@ -206,7 +219,8 @@ def _class_lists(cells: pa.ChunkedArray, vocabulary: ClassVocabulary, uri: str, 
         if len(unknown):
             row = int(parents[unknown[0]])
             try:
-                vocabulary.id_of(flat[int(unknown[0])].as_py(), row=row + first_row, image=images[row].as_py())
+                vocabulary.id_of(flat[int(unknown[0])].as_py(), row=None if first_row is None else row + first_row,
+                                 image=images[row].as_py())
             except UnknownClassError as exc:
                 raise UnknownClassError(f"manifest {uri}: {exc}", exc.name, exc.suggestions) from None
         ids = np.asarray(index, dtype=np.int64) + 1
@@ -253,8 +267,7 @@ def _parse(data: bytes, fmt: str, uri: str, text_columns: Sequence[str]) -> pa.T
     try:
         if fmt == "csv":
             # Every named column as text: an id column like 0001 must stay "0001".
-            header = data.split(b"\n", 1)[0].decode("utf-8-sig").strip().split(",")
-            types = {c.strip(): pa.string() for c in header if c.strip() in text_columns}
+            types = {c: pa.string() for c in csv_header(data) if c in text_columns}
             return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
                 column_types=types, strings_can_be_null=True))  # fmt: skip
         if data.lstrip().startswith(b"["):  # one JSON array of objects: small files; parse in Python
@@ -267,6 +280,12 @@ def _parse(data: bytes, fmt: str, uri: str, text_columns: Sequence[str]) -> pa.T
         if fmt == "jsonl" and not data.lstrip().startswith(b"["):
             _raise_at_bad_line(data, uri)
         raise _unreadable(uri, fmt, exc) from None
+
+
+def csv_header(data: bytes) -> list[str]:
+    """The column names in the first line of CSV bytes (quoted or not)."""
+    line = data.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace")
+    return [c.strip() for c in next(csv.reader([line]), [])]
 
 
 def _raise_at_bad_line(data: bytes, uri: str) -> None:
@@ -394,21 +413,23 @@ def read_manifest_table(
     return table.replace_schema_metadata({"ids": "column" if id_column in names else "file names"}), vocabulary
 
 
-def _normalize_chunk(table: pa.Table, first_row: int, uri: str, base: str, vocabulary: ClassVocabulary,
+def _normalize_chunk(table: pa.Table, first_row: int | None, uri: str, base: str, vocabulary: ClassVocabulary,
                      columns: Sequence[str]) -> pa.Table:  # fmt: skip
     """Manifest rows ``first_row``.. (``columns``: image, id, classes, semantic, instance) as an
-    image table chunk; mistakes raise naming the row."""
+    image table chunk; mistakes raise naming the row (``first_row`` ``None``: a block read by Ray
+    Data, whose place in the manifest is not known: mistakes name the image, ``source_row`` null)."""
     image_column, id_column, classes_column, semantic_column, instance_column = columns
     images = _text(table, image_column)
     empty = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(images, ""), True)))
     if len(empty):
-        raise ManifestError(f"manifest {uri}: row {empty[0] + first_row}: column {image_column!r} must hold an image "
-                            f"path, got {table.column(image_column)[int(empty[0])].as_py()!r}")  # fmt: skip
+        raise ManifestError(f"manifest {uri}: {_row_where(int(empty[0]), first_row, None, 'a row')}: column "
+                            f"{image_column!r} must hold an image path, got "
+                            f"{table.column(image_column)[int(empty[0])].as_py()!r}")  # fmt: skip
     if id_column in table.column_names:
         ids = _text(table, id_column)
         blank = np.flatnonzero(np.asarray(pc.fill_null(pc.equal(ids, ""), True)))
         if len(blank):
-            raise ManifestError(f"manifest {uri}: {_where(int(blank[0]) + first_row, images[int(blank[0])].as_py())}: "
+            raise ManifestError(f"manifest {uri}: {_row_where(int(blank[0]), first_row, images[int(blank[0])].as_py())}: "
                                 f"column {id_column!r} is empty")  # fmt: skip
     else:
         name = pc.replace_substring_regex(images, pattern=r"^.*/", replacement="")
@@ -422,9 +443,10 @@ def _normalize_chunk(table: pa.Table, first_row: int, uri: str, base: str, vocab
             ground_truth.append(_resolve_paths(paths, base))
         else:
             ground_truth.append(pa.nulls(table.num_rows, pa.string()))
-    rows = np.arange(first_row, first_row + table.num_rows, dtype=np.int64)
+    rows = (pa.nulls(table.num_rows, pa.int64()) if first_row is None
+            else pa.array(np.arange(first_row, first_row + table.num_rows, dtype=np.int64)))
     return pa.Table.from_arrays(
-        [ids, _resolve_paths(images, base), classes, ground_truth[0], ground_truth[1], pa.array(rows),
+        [ids, _resolve_paths(images, base), classes, ground_truth[0], ground_truth[1], rows,
          pa.array([""] * table.num_rows, pa.string())], schema=IMAGE_TABLE_SCHEMA,
     )  # fmt: skip
 
@@ -441,6 +463,75 @@ def read_folder_table(uri: str, options: StorageOptions = StorageOptions(),
     listed in parallel, and the listing gives the files' fingerprints. Images directly under
     the root raise; so does a root that does not exist. The reader of
     :func:`~.sources.read_image_folder` too."""
+    tree = folder_tree(uri, options)
+    listed = list_folders(tree.class_folders(), options, recursive=True)
+    listed, below = tree.images(listed)
+    if listed.num_rows == 0:
+        raise tree.empty_error()
+    if vocabulary is None:  # the classes that have images
+        vocabulary = ClassVocabulary.from_names(pc.unique(tree.class_names(below)).to_pylist())
+    out = tree.rows(listed, vocabulary, below)
+    return out.sort_by([("uri", "ascending")]), vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderTree:
+    """An ImageNet-style tree whose top level was listed (:func:`folder_tree`): its class
+    folders are listed separately (in threads here, in Ray tasks by the labeling job) and
+    their listings turned into image rows by :meth:`rows`."""
+
+    uri: str
+    prefix: str  # "s3://", "file://" or ""
+    path: str  # the root as the store names it
+    classes: tuple[str, ...]
+
+    def class_folders(self, classes: Sequence[str] | None = None) -> list[str]:
+        return [self.prefix + f"{self.path.rstrip('/')}/{c}" for c in (self.classes if classes is None else classes)]
+
+    def images(self, listed: pa.Table) -> tuple[pa.Table, pa.Array]:
+        """(the image files of a listing, their paths below the root)."""
+        listed = listed.combine_chunks()
+        uris = listed.column("uri").combine_chunks()
+        below = pc.utf8_slice_codeunits(uris, len(self.prefix) + len(self.path.rstrip("/")) + 1)
+        suffixes = "|".join(s.replace(".", r"\.") for s in IMAGE_SUFFIXES)
+        keep = pc.and_(pc.invert(pc.match_substring_regex(below, r"(^|/)\.")),
+                       pc.match_substring_regex(below, "(?i)(" + suffixes + ")$"))  # fmt: skip
+        return listed.filter(keep), pc.filter(below, keep)
+
+    @staticmethod
+    def class_names(below: pa.Array) -> pa.Array:
+        return pc.replace_substring_regex(below, pattern=r"/.*$", replacement="")
+
+    def rows(self, listed: pa.Table, vocabulary: ClassVocabulary, below: pa.Array | None = None) -> pa.Table:
+        """Listed files (:func:`list_folders` of class folders) -> image rows (unsorted); a class
+        folder with images whose name is not in ``vocabulary`` raises. ``below``: the listing is
+        already :meth:`images`, and these are its paths below the root."""
+        if below is None:
+            listed, below = self.images(listed)
+        names = self.class_names(below)
+        for name in pc.unique(names).to_pylist():
+            if name not in vocabulary:
+                try:
+                    vocabulary.id_of(name)
+                except UnknownClassError as exc:
+                    raise UnknownClassError(f"image folder {self.uri}: class folder {name!r}: {exc}", exc.name,
+                                            exc.suggestions) from None  # fmt: skip
+        ids = pc.cast(pc.add(pc.index_in(names, value_set=pa.array(vocabulary.names, pa.string())), 1), pa.int32())
+        classes_column = pa.ListArray.from_arrays(pa.array(np.arange(listed.num_rows + 1, dtype=np.int32)), ids)
+        image_ids = pc.replace_substring_regex(below, pattern=r"\.[^./]*$", replacement="")
+        nulls = pa.nulls(listed.num_rows, pa.string())
+        return pa.Table.from_arrays([image_ids, listed.column("uri"), classes_column, nulls, nulls,
+                                     pa.nulls(listed.num_rows, pa.int64()), listed.column("fingerprint")],
+                                    schema=IMAGE_TABLE_SCHEMA)  # fmt: skip
+
+    def empty_error(self) -> EmptyImageSetError:
+        return EmptyImageSetError(f"no images in {self.uri} (expected {self.uri}/<class_name>/<image> with suffix "
+                                  f"{', '.join(IMAGE_SUFFIXES)})")  # fmt: skip
+
+
+def folder_tree(uri: str, options: StorageOptions = StorageOptions()) -> FolderTree:
+    """The top level of an ImageNet-style tree (:func:`read_folder_table`), checked: the root
+    exists and no image lies directly under it."""
     root = normalize(os.fspath(uri))
     fs, path = resolve(root, options)
     with _translating(root, options):
@@ -454,35 +545,7 @@ def read_folder_table(uri: str, options: StorageOptions = StorageOptions(),
         raise ManifestError(f"image folder {uri}: {len(loose)} image(s) directly under the root have no class folder: "
                             f"{_listing(sorted(loose))}; expected {uri}/<class_name>/<image>")  # fmt: skip
     classes = sorted(i.base_name for i in top if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
-    listed = list_folders([prefix + f"{path.rstrip('/')}/{c}" for c in classes], options, recursive=True)
-    listed = listed.combine_chunks()
-    uris = listed.column("uri").combine_chunks()
-    below = pc.utf8_slice_codeunits(uris, len(prefix) + len(path.rstrip("/")) + 1)
-    keep = pc.and_(pc.invert(pc.match_substring_regex(below, r"(^|/)\.")),
-                   pc.match_substring_regex(below, "(?i)(" + "|".join(s.replace(".", r"\.") for s in IMAGE_SUFFIXES) + ")$"))  # fmt: skip
-    listed, below = listed.filter(keep), pc.filter(below, keep)
-    uris = listed.column("uri")
-    if listed.num_rows == 0:
-        raise EmptyImageSetError(f"no images in {uri} (expected {uri}/<class_name>/<image> with suffix "
-                                 f"{', '.join(IMAGE_SUFFIXES)})")  # fmt: skip
-    names = pc.replace_substring_regex(below, pattern=r"/.*$", replacement="")
-    found = pc.unique(names).to_pylist()
-    if vocabulary is None:
-        vocabulary = ClassVocabulary.from_names(found)
-    for name in found:
-        if name not in vocabulary:
-            try:
-                vocabulary.id_of(name)
-            except UnknownClassError as exc:
-                raise UnknownClassError(f"image folder {uri}: class folder {name!r}: {exc}", exc.name,
-                                        exc.suggestions) from None  # fmt: skip
-    ids = pc.cast(pc.add(pc.index_in(names, value_set=pa.array(vocabulary.names, pa.string())), 1), pa.int32())
-    classes_column = pa.ListArray.from_arrays(pa.array(np.arange(listed.num_rows + 1, dtype=np.int32)), ids)
-    image_ids = pc.replace_substring_regex(below, pattern=r"\.[^./]*$", replacement="")
-    nulls = pa.nulls(listed.num_rows, pa.string())
-    out = pa.Table.from_arrays([image_ids, uris, classes_column, nulls, nulls, pa.nulls(listed.num_rows, pa.int64()),
-                                listed.column("fingerprint")], schema=IMAGE_TABLE_SCHEMA)  # fmt: skip
-    return out.sort_by([("uri", "ascending")]), vocabulary
+    return FolderTree(uri=str(uri), prefix=prefix, path=path, classes=tuple(classes))
 
 
 # --------------------------------------------------------------------------------------

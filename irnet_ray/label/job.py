@@ -13,18 +13,18 @@ from __future__ import annotations
 import collections
 import time
 import uuid
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import pyarrow as pa
 
 from irnet_ray import __version__
 from irnet_ray.data import output_format as of
-from irnet_ray.data.columnar import load_table, table_of_records
-from irnet_ray.data.sources import ClassVocabulary, EmptyImageSetError, ImageRecord, is_manifest_spec, load_records
+from irnet_ray.data.sources import ClassVocabulary, ImageRecord
 from irnet_ray.data.storage import StorageOptions, normalize
 from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
-from irnet_ray.pipeline.planning import Plan, key_column, plan_output, plan_table
+from irnet_ray.pipeline.inputs import open_image_set, reads_with_ray
+from irnet_ray.pipeline.planning import Plan, read_committed
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import (
     LeaseConfig,
@@ -39,6 +39,9 @@ from .config import LabelJobConfig, label_settings, settings_id
 from .scores import ScoreBoard
 from .stages import LARGE_COLUMNS, STAGES, LabelActor, ground_truth, summarize_rows
 
+if TYPE_CHECKING:
+    from irnet_ray.pipeline.inputs import StreamPlan
+
 __all__ = ["label_images", "LabelJobFailed", "format_summary", "format_plan"]
 
 _MAX_LISTED_GT_ERRORS = 20
@@ -49,43 +52,6 @@ _MAX_LISTED_CHANGED = 5
 LabelJobFailed = PipelineFailed
 
 
-def _records(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
-             options: StorageOptions) -> list[ImageRecord]:  # fmt: skip
-    if isinstance(images, str):
-        # A repeated image id becomes a per-image error (duplicate_id) instead of refusing the
-        # whole set, where the source can list one (manifests, folder trees). Sources whose ids
-        # are unique by construction (built-in, VOC) take no such option: a TypeError raised
-        # before any reading, and a real one raises again on the plain call.
-        try:
-            records, _ = load_records(images, options, vocabulary=vocabulary, allow_duplicate_ids=True)
-        except TypeError:
-            records, _ = load_records(images, options, vocabulary=vocabulary)
-    else:
-        records = list(images)
-        if not all(isinstance(r, ImageRecord) for r in records):
-            raise TypeError("images must be an image-set spec (str) or a sequence of ImageRecord")
-    if not records:
-        raise EmptyImageSetError("the image set is empty: nothing to label")
-    return records
-
-
-def _image_table(images: str | Sequence[ImageRecord], vocabulary: ClassVocabulary,
-                 options: StorageOptions, columns: Mapping[str, str]) -> pa.Table:  # fmt: skip
-    """The image set as an Arrow image table: columnar for manifests and ``folder:`` trees (no
-    Python object per row, fingerprints from listings), from records for the other sources.
-    ``columns``: the manifest reader's column arguments (``image_column=`` etc.)."""
-    if isinstance(images, str):
-        if columns and not is_manifest_spec(images):
-            raise ValueError(f"column names ({', '.join(columns)}) apply to manifest tables; {images!r} is not one")
-        loaded = load_table(images, options, vocabulary, **columns)
-        if loaded is not None:
-            if loaded[0].num_rows == 0:
-                raise EmptyImageSetError("the image set is empty: nothing to label")
-            return loaded[0]
-    # Not a manifest or a folder tree (column names were refused above): records, small sets.
-    return table_of_records(_records(images, vocabulary, options))
-
-
 def _changed_message(output: str, changed: pa.Table) -> str:
     rows = changed.slice(0, _MAX_LISTED_CHANGED).to_pylist()
     examples = "; ".join(f"{r['image_id']}: {r['old_uri']} -> {r['uri']}" + (" (file changed)" if r["uri"] == r["old_uri"] else "")
@@ -94,21 +60,24 @@ def _changed_message(output: str, changed: pa.Table) -> str:
             "pass --relabel-changed (relabel_changed=True) to label them again, or --overwrite to start over")
 
 
-def _plan_summary(output: str, table: pa.Table, plan: Plan, retried: int, relabel_changed: bool) -> dict:
+def _plan_summary(output: str, plan: "Plan | StreamPlan", retried: int, relabel_changed: bool) -> dict:
     changed = plan.changed.num_rows
     return {
-        "output": output, "dry_run": True, "images": table.num_rows,
-        "to_label": plan.pending.num_rows + (changed if relabel_changed else 0), "skipped": plan.skipped,
+        "output": output, "dry_run": True, "images": plan.rows,
+        "to_label": plan.to_send + (changed if relabel_changed else 0), "skipped": plan.skipped,
         "refused": len(plan.errors), "refused_by_reason": plan.refused, "retried": retried, "changed": changed,
         "changed_examples": plan.changed.slice(0, _MAX_LISTED_CHANGED).to_pylist(),
         "relabel_changed": bool(relabel_changed),
     }  # fmt: skip
 
 
-def _dry_run(output: str, table: pa.Table, num_classes: int, options: StorageOptions, relabel_changed: bool) -> dict:
-    """What a run would do, read from the output's commit log without writing anything."""
-    plan, retried = plan_output(output, table, num_classes, options)
-    return _plan_summary(output, table, plan, retried, relabel_changed)
+_EMPTY = "the image set is empty: nothing to label"
+
+
+def ensure_ray(address: str | None) -> None:
+    from irnet_ray.train.ray_train import ensure_ray as start  # torch: imported when a run needs it
+
+    start(address=address)
 
 
 def format_plan(summary: dict) -> str:
@@ -184,6 +153,7 @@ def label_images(
     dry_run: bool = False,
     relabel_changed: bool = False,
     manifest_columns: Mapping[str, str] | None = None,
+    inputs: str = "auto",
     ray_address: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -207,13 +177,19 @@ def label_images(
 
     ``dry_run``: read the image set and the output's commit log, return what a run would do
     (:func:`format_plan`: to label, skipped, refused by reason, retried, changed) and stop: no
-    Ray, no lease, nothing written. A committed image id whose input now names another file
+    actors (no Ray at all unless ``inputs="ray"``), no lease, nothing written. A committed image id whose input now names another file
     (another URI, or another size or modification time of its file) refuses the run, naming the
     first few; ``relabel_changed`` labels them again instead (the old rows are withdrawn through
     commits; committed files are never deleted).
 
     ``manifest_columns``: the manifest's column names when they are not the defaults
     (``image_column``, ``classes_column``, ``id_column``, ``semantic_column``, ``instance_column``).
+
+    ``inputs``: where a manifest or ``folder:`` tree is read and planned. ``"ray"``: by Ray Data
+    (:mod:`irnet_ray.pipeline.inputs`: blocks in the object store; the driver holds an 8-byte hash
+    a row and the rows that are not plainly pending); ``"driver"``: with pyarrow in this process
+    (:mod:`irnet_ray.data.columnar`; no Ray needed); ``"auto"`` (default): Ray Data for a run,
+    the driver for a dry run. Other sources (built-in, VOC, records) are read in the driver.
     """
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -223,9 +199,15 @@ def label_images(
     output = normalize(output_uri)
     models = check_model_pair(cam_model_uri, irn_model_uri, storage_options)
     vocabulary = ClassVocabulary(models.vocabulary)
-    table = _image_table(images, vocabulary, storage_options, dict(manifest_columns or {}))
+    with_ray = reads_with_ray(images, inputs, dry_run)
+    if with_ray:
+        ensure_ray(address=ray_address)
+    image_set = open_image_set(images, vocabulary, storage_options, columns=manifest_columns, with_ray=with_ray,
+                               empty_message=_EMPTY)  # fmt: skip
     if dry_run:
-        summary = _dry_run(output, table, vocabulary.num_classes, storage_options, relabel_changed)
+        committed, retried = read_committed(output, storage_options)
+        plan = image_set.plan(committed, vocabulary.num_classes, "dry-run")
+        summary = _plan_summary(output, plan, retried, relabel_changed)
         log(format_plan(summary))
         return summary
     settings = label_settings(config)
@@ -235,16 +217,17 @@ def label_images(
            "irnet_ray_version": __version__}  # fmt: skip
     with open_output(output, job, storage_options, overwrite, run_id, _commit_summary(vocabulary.num_classes),
                      lease=lease, allow_local_output_on_cluster=allow_local_output_on_cluster) as (state, committer):
-        plan = plan_table(table, committer.committed_table(), vocabulary.num_classes, run_id)
+        plan = image_set.plan(committer.committed_table(), vocabulary.num_classes, run_id)
         changed = plan.changed.num_rows
         if changed:
             if not relabel_changed:
                 raise cl.JobInputError(_changed_message(output, plan.changed))
             keys = zip(plan.changed.column("image_id").to_pylist(), plan.changed.column("occurrence").to_pylist())
             committer.withdraw(keys)
-            plan = plan_table(table, committer.committed_table(), vocabulary.num_classes, run_id)
-        pending, input_errors, skipped = plan.pending, plan.errors, plan.skipped
-        log(f"labeling {len(pending)} image(s) into {output} ({skipped} already committed, "
+            plan = image_set.replan(plan, committer.committed_table(), vocabulary.num_classes, run_id)
+        input_errors, skipped, to_send, input_rows = plan.errors, plan.skipped, plan.to_send, plan.rows
+        pending, expected = plan.send(), plan.expected()
+        log(f"labeling {to_send} image(s) into {output} ({skipped} already committed, "
             f"{len(committer.retried)} earlier transient failure(s) retried, "
             f"{len(input_errors)} refused from the listing, {changed} changed file(s) relabeled)")  # fmt: skip
         if input_errors:
@@ -252,9 +235,7 @@ def label_images(
 
         labeling_started = time.perf_counter()
         plan = None
-        if pending.num_rows:
-            from irnet_ray.train.ray_train import ensure_ray
-
+        if to_send:
             ensure_ray(address=ray_address)
             plan = plan_pool(min_actors=config.min_actors, max_actors=config.max_actors,
                              gpus_per_actor=config.gpus_per_actor, cpus_per_actor=config.cpus_per_actor,
@@ -277,11 +258,6 @@ def label_images(
             run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, log=log)
         labeling_seconds = time.perf_counter() - labeling_started
 
-        expected = pa.concat_arrays([
-            key_column(pending.column("image_id").combine_chunks(), pa.array([0] * pending.num_rows, pa.int64())),
-            key_column(pa.array([e["image_id"] for e in input_errors], pa.string()),
-                       pa.array([e["occurrence"] for e in input_errors], pa.int64())),
-        ])  # fmt: skip
         totals = _totals(committer.standing, vocabulary.names)
         this_run = {
             "run_id": run_id, "labeled": committer.processed, "errors": committer.errors, "skipped": skipped,
@@ -302,7 +278,7 @@ def label_images(
                                  {**job, "run_id": run_id, "runs": runs, **totals},
                                  max_error_rate=config.max_error_rate)  # fmt: skip
     summary = {
-        "output": output, "run_id": run_id, "images": table.num_rows, "changed": changed, "labeled": committer.processed,
+        "output": output, "run_id": run_id, "images": input_rows, "changed": changed, "labeled": committer.processed,
         "errors": committer.errors, "skipped": skipped, "retried": len(committer.retried),
         "total_labeled": totals["labeled"],
         "total_errors": totals["errors"], "errors_by_reason": totals["errors_by_reason"],

@@ -23,7 +23,7 @@ from irnet_ray.data.storage import StorageNotFound, StorageOptions, exists, join
 
 from .commit_log import COMMITS, COMMITTED_SCHEMA, committed_table, read_commit_log, transient_errors
 
-__all__ = ["Plan", "plan_table", "plan_output", "committed_table", "key_column", "COMMITTED_SCHEMA"]
+__all__ = ["Plan", "plan_table", "read_committed", "committed_table", "key_column", "COMMITTED_SCHEMA"]
 
 _KEY_SEPARATOR = "\x1f"
 #: Rows of an image table checked for changed files at a time (:func:`plan_table`).
@@ -41,6 +41,27 @@ class Plan:
     changed: pa.Table
     #: ``[image_id, occurrence, uri, fingerprint]`` of each error row (for its commit record).
     inputs: list = dataclasses.field(default_factory=list)
+
+    @property
+    def to_send(self) -> int:
+        return self.pending.num_rows
+
+    @property
+    def rows(self) -> int:
+        """Input rows: each is pending, refused, skipped or changed."""
+        return self.pending.num_rows + len(self.errors) + self.skipped + self.changed.num_rows
+
+    def send(self) -> pa.Table:
+        """The rows to send through the pipeline."""
+        return self.pending
+
+    def expected(self) -> pa.Array:
+        """Keys the output holds when the run is done: those of the sent rows and the refusals."""
+        return pa.concat_arrays([
+            key_column(self.pending.column("image_id").combine_chunks(), pa.array([0] * self.pending.num_rows, pa.int64())),
+            key_column(pa.array([e["image_id"] for e in self.errors], pa.string()),
+                       pa.array([e["occurrence"] for e in self.errors], pa.int64())),
+        ])  # fmt: skip
 
     @property
     def refused(self) -> dict[str, int]:
@@ -141,9 +162,9 @@ def plan_table(table: pa.Table, committed: pa.Table, num_classes: int, run_id: s
     return Plan(pending=pending, errors=errors, skipped=int(done.sum()) - changed_count, changed=changed, inputs=inputs)
 
 
-def plan_output(output: str, table: pa.Table, num_classes: int, options: StorageOptions) -> tuple[Plan, int]:
-    """(the plan of ``table`` against ``output``'s commit log, transient errors a run would
-    retry), read without writing anything and without Ray: a dry run."""
+def read_committed(output: str, options: StorageOptions) -> tuple[pa.Table, int]:
+    """(``output``'s committed keys (:func:`committed_table`), transient errors a run would
+    retry), read without writing anything: what a dry run plans against."""
     try:
         commits, inputs = read_commit_log(output, options) if exists(join(output, COMMITS), options) else ([], None)
     except StorageNotFound:
@@ -152,4 +173,4 @@ def plan_output(output: str, table: pa.Table, num_classes: int, options: Storage
     committed = committed_table(commits, retried, inputs)
     del commits, inputs  # the log's records are not needed to plan: free them first (ImageNet: ~250 MB)
     pa.default_memory_pool().release_unused()  # and hand the freed pages back before planning allocates again
-    return plan_table(table, committed, num_classes, "dry-run"), len(retried)
+    return committed, len(retried)

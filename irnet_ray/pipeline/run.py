@@ -121,7 +121,7 @@ class PipelineSpec:
 
 
 def run_pipeline(
-    pending: Sequence[ImageRecord] | pa.Table,
+    pending: "Sequence[ImageRecord] | pa.Table | ray.data.Dataset",
     committer: cl.Committer,
     spec: PipelineSpec,
     plan: PoolPlan,
@@ -129,9 +129,10 @@ def run_pipeline(
     max_crashes: int = DEFAULT_MAX_CRASHES,
     log: Callable[[str], None] = lambda message: None,
 ) -> int:
-    """Stream ``pending`` (records, or an image table of :mod:`irnet_ray.data.columnar`) through
-    the pipeline and commit every file as it arrives; returns the number of commits made. An image that ends its worker process ``max_crashes`` times becomes
-    a ``crashed_worker`` error row (:mod:`.attempts`)."""
+    """Stream ``pending`` (records, an image table of :mod:`irnet_ray.data.columnar`, or a Dataset
+    of its rows: :meth:`.inputs.StreamPlan.dataset`) through the pipeline and commit every file as
+    it arrives; returns the number of commits made. An image that ends its worker process
+    ``max_crashes`` times becomes a ``crashed_worker`` error row (:mod:`.attempts`)."""
     check_local_output(committer.output, committer.allow_local_output_on_cluster)
     ledger = AttemptLedger.remote()
     try:
@@ -141,17 +142,21 @@ def run_pipeline(
         ray.kill(ledger)
 
 
-def _dataset(pending: Sequence[ImageRecord] | pa.Table, spec: PipelineSpec, plan: PoolPlan, guard: dict):
+def _dataset(pending: "Sequence[ImageRecord] | pa.Table | ray.data.Dataset", spec: PipelineSpec, plan: PoolPlan, guard: dict):
     # Ray 2.60 has no named parameters for task retries and actor restarts; its deprecation of
     # ray_remote_args (for 2.64) does not apply to them yet.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
-    table = pending if isinstance(pending, pa.Table) else table_of_records(pending)
-    # The input goes to Ray Data as Arrow blocks (no Python dict per row in the driver).
-    rows = table.num_rows
-    blocks = max(1, min(MAX_INPUT_BLOCKS, -(-rows // int(spec.decode_batch_size))))
-    step = -(-rows // blocks)
     crashes = guard["max_crashes"]
-    ds = ray.data.from_arrow([table.slice(start, step) for start in range(0, rows, step)] or [table])
+    if isinstance(pending, ray.data.Dataset):  # read and planned by Ray Data (inputs.plan_dataset)
+        # Blocks of one decode batch: a block of 64k rows would be one decode task.
+        ds = pending.repartition(target_num_rows_per_block=int(spec.decode_batch_size))
+    else:
+        table = pending if isinstance(pending, pa.Table) else table_of_records(pending)
+        # The input goes to Ray Data as Arrow blocks (no Python dict per row in the driver).
+        rows = table.num_rows
+        blocks = max(1, min(MAX_INPUT_BLOCKS, -(-rows // int(spec.decode_batch_size))))
+        step = -(-rows // blocks)
+        ds = ray.data.from_arrow([table.slice(start, step) for start in range(0, rows, step)] or [table])
     ds = ds.map_batches(decode_images, batch_size=int(spec.decode_batch_size), batch_format="numpy",
                         num_cpus=float(plan.cpu_tasks["decode"]),
                         memory=decode_memory(spec.decode_kwargs, spec.decode_batch_size),
@@ -204,19 +209,24 @@ def _commit_stream(ds, committer: cl.Committer) -> int:
     return commits
 
 
-def finish_output(output: str, committer: cl.Committer, expected: "set | pa.Array", options: StorageOptions,
+def finish_output(output: str, committer: cl.Committer, expected: "set | pa.Array | Callable[[pa.Table], pa.Array]",
+                  options: StorageOptions,
                   manifest: dict[str, Any], max_error_rate: float = 1.0) -> dict:  # fmt: skip
     """Check that every expected key is committed, that at most ``max_error_rate`` of the output's
     rows are errors (:class:`TooManyErrors` otherwise: a misconfigured run, e.g. wrong credentials,
     must not end as a complete manifest of errors) and that every committed file exists, then write
     the errors table and the manifest (``manifest`` plus the files and counts) and delete this run's
-    orphans (:func:`~irnet_ray.pipeline.commit_log.delete_orphans`)."""
-    if isinstance(expected, pa.Array):  # keys of planning.key_column: checked vectorised
+    orphans (:func:`~irnet_ray.pipeline.commit_log.delete_orphans`). ``expected``: the keys, or a
+    function of the committed table returning the expected keys missing from it."""
+    if isinstance(expected, pa.Array) or callable(expected):  # keys of planning.key_column: checked vectorised
         from .planning import key_column
 
         done = committer.committed_table()
-        missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=key_column(done.column("image_id"),
-                                                                                           done.column("occurrence")))))
+        if callable(expected):  # the keys are not all here: it finds the missing ones (inputs.StreamPlan.missing)
+            missing = expected(done)
+        else:
+            done_keys = key_column(done.column("image_id"), done.column("occurrence"))
+            missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=done_keys)))
         lost = [tuple(k.split("\x1f")) for k in missing.slice(0, 3).to_pylist()] + [None] * max(0, len(missing) - 3)
     else:
         lost = committer.committed.missing(expected)
