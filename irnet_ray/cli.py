@@ -228,7 +228,8 @@ def _add_storage_flags(parser) -> None:
                        help="S3-compatible endpoint (e.g. http://minio:9000); credentials come from the AWS chain")
     group.add_argument("--region", default=None, help="S3 region (default: the AWS chain)")
     group.add_argument("--ray-address", default=None,
-                       help="Ray cluster to join (default: the job's cluster under `ray job submit`, else a local one)")
+                       help="Ray cluster to join; local: a private one (default: the job's cluster under `ray job "
+                            "submit`, else one `ray start` left running here, else a private one)")
     group.add_argument("--summary", default=None, help="also write the job summary as JSON to this local file")
 
 
@@ -279,11 +280,38 @@ def _connect(args) -> None:
 
 
 def _gpus(requested: float | None) -> float:
+    """GPUs per training worker: as requested, else 1 when the cluster's GPU nodes have CUDA."""
     if requested is not None:
         return float(requested)
     from irnet_ray.pipeline.resources import cluster_gpus
 
-    return 1.0 if cluster_gpus() > 0 else 0.0
+    if cluster_gpus() <= 0:
+        return 0.0
+    if not _cuda_on_gpu_nodes():
+        print("warning: the cluster declares GPUs but torch sees no CUDA device on them: training on CPU "
+              "(--gpus-per-worker 1 insists on the GPUs)", file=sys.stderr)  # fmt: skip
+        return 0.0
+    return 1.0
+
+
+def _cuda_on_gpu_nodes(timeout_s: float = 120.0) -> bool:
+    """Whether torch finds CUDA on a node that offers the ``GPU`` resource. Ray Train's NCCL
+    process group fails on a node whose GPUs are declared (``--num-gpus``) but not usable by
+    torch; inference actors fall back to the CPU by themselves. True when no GPU frees up in time."""
+    import ray
+
+    @ray.remote(num_gpus=0.001, num_cpus=0, max_retries=0)
+    def probe() -> bool:
+        import torch
+
+        return bool(torch.cuda.is_available())
+
+    ref = probe.remote()
+    try:
+        return bool(ray.get(ref, timeout=timeout_s))
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return True
 
 
 def _scaling(args):
@@ -714,6 +742,146 @@ def _add_export_parser(commands) -> None:
     voc.set_defaults(handler=run)
 
 
+# --------------------------------------------------------------------------------------
+# pipeline: the four stages (and the exports) as one command, each stage through its own command
+
+PIPELINE_STAGES = ("train-cam", "mine-relations", "train-irn", "label")
+
+
+def _add_pipeline_parser(commands) -> None:
+    parser = commands.add_parser(
+        "pipeline",
+        help="the whole method as one job: train-cam -> mine-relations -> train-irn -> label [-> export]",
+        description=(
+            "Run train-cam, mine-relations, train-irn and label (and optionally export coco / voc) one after "
+            "the other, each as its own command with its own flags, on the Ray cluster the job runs in. Every "
+            "stage resumes: rerunning the same command (or resubmitting the same job) continues where it "
+            "stopped, and a finished stage returns at once. A failing stage ends the run with its name and a "
+            "one-line reason. Stage settings go through --STAGE-args, e.g. --train-cam-args='--from-scratch "
+            "--epochs 5' (use the = form when the value starts with a dash)."
+        ),
+    )
+    parser.add_argument("--images", required=True,
+                        help="image set: builtin[:key=value,...], manifest (.parquet/.csv/.jsonl), folder:ROOT, voc:ROOT[?split=train_aug]")
+    parser.add_argument("--storage", required=True,
+                        help="run storage of both trainings (local folder or s3://bucket/prefix): "
+                             "STORAGE/CAM_RUN/model and STORAGE/IRN_RUN/model")
+    parser.add_argument("--output", required=True, help="the labels: output folder or s3:// prefix of `label`")
+    parser.add_argument("--ir-labels", default=None, help="output of mine-relations (default: STORAGE/ir-labels)")
+    parser.add_argument("--cam-run-name", default="cam", help="run name of train-cam")
+    parser.add_argument("--irn-run-name", default="irn", help="run name of train-irn")
+    parser.add_argument("--export-coco", default=None,
+                        help="also write the labels as one COCO instances JSON here (kept if it exists)")
+    parser.add_argument("--export-voc", default=None,
+                        help="also write the labels as VOC-style PNGs into this folder (resumes)")
+    for stage in PIPELINE_STAGES:
+        parser.add_argument(f"--{stage}-args", default="", metavar="FLAGS",
+                            help=f"more flags of `irnet-ray {stage}` (see its --help), as one string")
+    parser.add_argument("--export-args", default="", metavar="FLAGS", help="more flags of `irnet-ray export`")
+    _add_column_flags(parser)
+    group = parser.add_argument_group("storage and cluster (passed to every stage)")
+    group.add_argument("--endpoint-url", default=None,
+                       help="S3-compatible endpoint (e.g. http://minio:9000); credentials come from the AWS chain")
+    group.add_argument("--region", default=None, help="S3 region (default: the AWS chain)")
+    group.add_argument("--ray-address", default=None,
+                       help="Ray cluster to join; local: a private one (default: the job's cluster under `ray job "
+                            "submit`, else one `ray start` left running here, else a private one)")
+    parser.set_defaults(handler=_run_pipeline)
+
+
+def _pipeline_commands(args) -> list[tuple[str, list[str]]]:
+    """(stage, argv of its `irnet-ray` command) of every stage, in order."""
+    import shlex
+
+    from irnet_ray.data.storage import join, normalize
+
+    common = [flag for name in ("endpoint_url", "region", "ray_address") if getattr(args, name)
+              for flag in (f"--{name.replace('_', '-')}", getattr(args, name))]  # fmt: skip
+    columns = [flag for name, value in _manifest_columns(args).items()
+               for flag in (f"--{name.replace('_', '-')}", value)]  # fmt: skip
+    extra = {stage: shlex.split(getattr(args, stage.replace("-", "_") + "_args")) for stage in PIPELINE_STAGES}
+    storage = normalize(args.storage)
+    cam_model = join(storage, args.cam_run_name, "model")  # RunOptions.model_uri
+    irn_model = join(storage, args.irn_run_name, "model")
+    ir_labels = args.ir_labels or join(storage, "ir-labels")
+    commands = [
+        ("train-cam", ["--images", args.images, "--storage", storage, "--run-name", args.cam_run_name, *columns]),
+        ("mine-relations", ["--images", args.images, "--cam", cam_model, "--output", ir_labels, *columns]),
+        ("train-irn", ["--ir-labels", ir_labels, "--cam", cam_model, "--storage", storage,
+                       "--run-name", args.irn_run_name]),
+        ("label", ["--images", args.images, "--irn", irn_model, "--output", args.output, *columns]),
+    ]  # fmt: skip
+    commands = [(stage, [stage, *argv, *common, *extra[stage]]) for stage, argv in commands]
+    export = shlex.split(args.export_args)
+    for kind, dest in (("coco", args.export_coco), ("voc", args.export_voc)):
+        if dest:
+            commands.append((f"export {kind}", ["export", kind, "--labels", args.output, "--output", dest,
+                                                *common, *export]))  # fmt: skip
+    return commands
+
+
+class _ReasonLine:
+    """stderr that also keeps the last line a command wrote as ``irnet-ray COMMAND: reason``."""
+
+    def __init__(self, stream, prefix: str) -> None:
+        self.stream, self.prefix, self.reason = stream, prefix, ""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.startswith(self.prefix):
+                self.reason = line[len(self.prefix):].strip()
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, ...: the real stream's
+        return getattr(self.stream, name)
+
+
+def _run_pipeline(args) -> int:
+    import contextlib
+
+    try:
+        commands = _pipeline_commands(args)
+        if args.export_coco:  # the COCO JSON is written atomically: when it is there, the export is done
+            from irnet_ray.data.storage import exists
+
+            if exists(args.export_coco, _storage_options(args)) and "--overwrite" not in args.export_args.split():
+                print(f"[pipeline] export coco: {args.export_coco} exists (already exported; --export-args=--overwrite "
+                      "writes it again)")  # fmt: skip
+                commands = [(stage, argv) for stage, argv in commands if stage != "export coco"]
+    except _user_errors() as error:
+        return _fail("pipeline", error)
+    parser = build_parser()
+    for stage, argv in commands:  # every stage's flags are checked before the first one runs
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exit:  # argparse printed the stage's usage and its error line
+            print(f"irnet-ray pipeline: stage {stage}: bad flags (see above)", file=sys.stderr)
+            return int(exit.code or 2)
+    import time
+
+    seconds = {}
+    for number, (stage, argv) in enumerate(commands, 1):
+        print(f"[pipeline] {number}/{len(commands)} {stage}", flush=True)
+        started = time.perf_counter()
+        stderr = _ReasonLine(sys.stderr, f"irnet-ray {stage}: ")
+        try:
+            with contextlib.redirect_stderr(stderr):
+                status = main(argv)
+        except Exception as error:  # not a user mistake: the traceback follows
+            print(f"irnet-ray pipeline: stage {stage} failed: {type(error).__name__}: "
+                  f"{' '.join(str(error).split())[:500]}", file=sys.stderr)  # fmt: skip
+            raise
+        if status:
+            hint = "; resubmitting the same job resumes (finished stages return at once)" if status == 1 else ""
+            print(f"irnet-ray pipeline: stage {stage} failed (exit status {status}): {stderr.reason or 'see above'}"
+                  f"{hint}", file=sys.stderr)  # fmt: skip
+            return status
+        seconds[stage] = time.perf_counter() - started
+    times = ", ".join(f"{stage} {t:.0f} s" for stage, t in seconds.items())
+    print(f"[pipeline] done: labels in {args.output} ({times})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="irnet-ray",
@@ -731,6 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_label_parser(commands)
     _add_visualize_parser(commands)
     _add_export_parser(commands)
+    _add_pipeline_parser(commands)
     return parser
 
 
