@@ -127,7 +127,8 @@ def ray_cluster(tmp_path_factory):
             mp.setenv(key, value)
         if ray.is_initialized():  # another module's cluster: start ours with these settings
             ray.shutdown()
-        ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
+        # address="local": a private Ray even when a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
                  log_to_driver=False)  # fmt: skip
         try:
             yield

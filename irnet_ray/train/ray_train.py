@@ -49,6 +49,8 @@ import dataclasses
 import json
 import os
 import re
+import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -202,7 +204,10 @@ def ensure_ray(
 ) -> None:
     """Connect to ``address`` (a running cluster), or start a local Ray with a small object store.
 
-    Does nothing when Ray is already initialised. ``address`` defaults to ``RAY_ADDRESS``. The
+    Does nothing when Ray is already initialised. ``address`` defaults to ``RAY_ADDRESS``;
+    ``"local"`` always starts a private Ray. Without either, a cluster that ``ray start`` left
+    running on this machine is used as it is (its own CPUs, not ``num_cpus``), and one that died
+    without ``ray stop`` is ignored; a line on stderr says which. The
     dashboard is on by default: Ray Train's placement-group cleaner asks its state API about the
     controller and, without it, warns every few seconds for the whole run. Token authentication stays as Ray sets it:
     only job-submission clients need tokens, ``ray.init`` of a local cluster does not.
@@ -210,10 +215,35 @@ def ensure_ray(
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")  # set for drivers of `ray job submit`
-    if address:
+    if address and address != "local":
         ray.init(address=address)
         return
-    ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=include_dashboard)
+    if address is None:
+        # ray.init() alone would join the cluster of the last `ray start` on this machine, and
+        # fail when that one died without `ray stop` (or refuse our num_cpus): decide here, and say so.
+        from ray._private.utils import read_ray_address
+
+        started = read_ray_address()
+        if started and _reachable(started):
+            print(f"irnet-ray: using the Ray cluster already running on this machine at {started} (started by "
+                  "`ray start`), as it is; --ray-address local starts a private one instead", file=sys.stderr)  # fmt: skip
+            ray.init(address="auto")  # "auto" (not the address itself): Ray then also takes the cluster's auth token
+            return
+        if started:
+            print(f"irnet-ray: the Ray cluster of the last `ray start` ({started}) is no longer running; starting a "
+                  "private local Ray", file=sys.stderr)  # fmt: skip
+    ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
+             include_dashboard=include_dashboard)  # fmt: skip
+
+
+def _reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts connections at ``host:port`` (a live GCS)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------
