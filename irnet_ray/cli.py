@@ -827,9 +827,9 @@ class _ReasonLine:
         self.stream, self.prefix, self.reason = stream, prefix, ""
 
     def write(self, text: str) -> int:
-        for line in text.splitlines():
-            if line.startswith(self.prefix):
-                self.reason = line[len(self.prefix):].strip()
+        at = text.rfind(self.prefix)
+        if at == 0 or (at > 0 and text[at - 1] == "\n"):  # a message may span lines: made one
+            self.reason = " ".join(text[at + len(self.prefix):].split())[:500]
         return self.stream.write(text)
 
     def __getattr__(self, name: str):  # fileno, isatty, encoding, ...: the real stream's
