@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 JOBS = ROOT / "jobs"
 OPERATIONS = ROOT / "docs" / "operations.md"
-#: entrypoint file -> `irnet-ray` command it runs (the four stages, in order)
-STAGES = {"train_cam": "train-cam", "mine_relations": "mine-relations", "train_irn": "train-irn", "label": "label"}
+#: entrypoint file -> `irnet-ray` command it runs (the four stages, in order, then all four as one job)
+STAGES = {"train_cam": "train-cam", "mine_relations": "mine-relations", "train_irn": "train-irn", "label": "label",
+          "pipeline": "pipeline"}
 PIN = re.compile(r"""["']([A-Za-z0-9_.-]+)(\[[A-Za-z0-9_,.-]+\])?==([^"'\s]+)["']""")
 
 
@@ -260,7 +261,12 @@ def test_job_commands_name_existing_entrypoints_with_their_flags():
         unknown = [a for a in args if a.startswith("--") and a.split("=")[0] not in parser._option_string_actions]
         assert not unknown, f"{where}: jobs/{stage}.py has no flag(s) {unknown}"
         try:
-            parser.parse_args(args)
+            parsed = parser.parse_args(args)
+            if command == "pipeline":  # and the flags it hands to each stage
+                from irnet_ray.cli import _pipeline_commands
+
+                for _, argv in _pipeline_commands(parsed):
+                    build_parser().parse_args(argv)
         except SystemExit as exc:
             pytest.fail(f"{where}: `python jobs/{stage}.py {shlex.join(args)}` does not parse (exit {exc.code})")
     if pending:
