@@ -95,7 +95,7 @@ def run_demo(
 
     from irnet_ray.data.sources import builtin_spec, synthetic_records
     from irnet_ray.inference import resolve_device
-    from irnet_ray.label import LabelJobConfig, label_images
+    from irnet_ray.label import LabelJobConfig, format_summary, label_images
     from irnet_ray.mining import MiningOptions, mine_relations_job
     from irnet_ray.train.ray_train import RunOptions, ScalingOptions, ensure_ray, train_cam_job, train_irn_job
 
@@ -133,7 +133,7 @@ def run_demo(
     mined = stage("mine_relations", mine_relations_job, records, cam["model_uri"], join(root, "ir_labels"),
                   cam_inference=config.cam_inference, relations=config.relations,
                   options=MiningOptions(max_actors=1, cpus_per_actor=1.0, crf_cpus=1.0, batch_size=8),
-                  storage_options=storage_options)
+                  storage_options=storage_options, log=log)
     log(f"  {mined['mined']} IR label maps -> {mined['output']}")
     # 3. IRNet on the frozen CAM-trained backbone.
     irn = stage("train_irn", train_irn_job, mined["output"], cam["model_uri"], irn=config.irn_train,
@@ -146,6 +146,7 @@ def run_demo(
                                   cpus_per_actor=max(1.0, cores / config.label_actors))
     labeled = stage("label", label_images, records, cam["model_uri"], irn["model_uri"], labels_uri, label_config,
                     storage_options, log=log)
+    log(format_summary(labeled))
     # 5. Fig. 6 panels of the first images.
     panels = []
     if config.panels:

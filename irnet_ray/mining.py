@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -137,13 +137,16 @@ def mine_relations_job(
     manifest_columns: Mapping[str, str] | None = None,
     inputs: str = "auto",
     ray_address: str | None = None,
+    log: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> dict:
     """Mine IR labels for ``records`` (records, or an image-set spec as
     :func:`~irnet_ray.data.sources.load_records` takes) with the CAM model at ``cam_model_uri``
     into ``output_uri``. A spec's class names resolve with ``vocabulary`` (default: the CAM
     model's); ``manifest_columns`` names a manifest's columns; ``inputs`` says where a manifest or
     ``folder:`` tree is read and planned (``"auto"``/``"ray"``: Ray Data, the driver holding 8 bytes
-    a row; ``"driver"``: pyarrow in this process; see :mod:`irnet_ray.pipeline.inputs`).
+    a row; ``"driver"``: pyarrow in this process; see :mod:`irnet_ray.pipeline.inputs`). ``log``
+    gets progress lines (images done, images/s, ETA); Ray Data's own are off unless ``verbose``.
 
     Returns a summary (``output``, ``images``, ``mined``, ``errors`` (``[{image_id, error}]`` with
     ``error`` = ``"<reason>: <message>"``), ``files``, ``seconds``, ``already_complete``).
@@ -214,7 +217,8 @@ def mine_relations_job(
                               "large_columns": ("ir_labels_png",), "run_id": run_id},
                 rows_per_file=options.rows_per_file,
             )  # fmt: skip
-            run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes)
+            run_pipeline(pending, committer, spec, plan, max_crashes=options.max_crashes, stage="mining",
+                         total=planned.to_send, log=log or (lambda message: None), verbose=verbose)  # fmt: skip
         expected = planned.expected()
         standing = committer.standing
         errors = [{"image_id": e["image_id"], "error": f"{e['reason']}: {e['message']}"}

@@ -156,6 +156,7 @@ def label_images(
     inputs: str = "auto",
     ray_address: str | None = None,
     log: Callable[[str], None] | None = None,
+    verbose: bool = False,
 ) -> dict:
     """Label ``images`` (an image-set spec as :func:`~irnet_ray.data.sources.load_records`
     takes, or records) with the CAM model at ``cam_model_uri`` (``None``: the one IRNet was
@@ -190,6 +191,9 @@ def label_images(
     a row and the rows that are not plainly pending); ``"driver"``: with pyarrow in this process
     (:mod:`irnet_ray.data.columnar`; no Ray needed); ``"auto"`` (default): Ray Data for a run,
     the driver for a dry run. Other sources (built-in, VOC, records) are read in the driver.
+
+    ``log`` gets the run's lines: the plan, the actor pool and progress (images done, images/s,
+    ETA, every 10 s). Ray Data's own progress output is off unless ``verbose``.
     """
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -255,7 +259,8 @@ def label_images(
                               "large_columns": LARGE_COLUMNS, "run_id": run_id, "summarize": summarize_rows},
                 rows_per_file=config.rows_per_file,
             )  # fmt: skip
-            run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, log=log)
+            run_pipeline(pending, committer, spec, plan, max_crashes=config.max_crashes, log=log, stage="labeling",
+                         total=to_send, verbose=verbose)  # fmt: skip
         labeling_seconds = time.perf_counter() - labeling_started
 
         totals = _totals(committer.standing, vocabulary.names)
@@ -287,8 +292,7 @@ def label_images(
         "timings": totals["timings"],
         "manifest": f"{output}/{cl.MANIFEST}",
     }  # fmt: skip
-    log(format_summary(summary))
-    return summary
+    return summary  # its lines: format_summary (the CLI prints them on stdout)
 
 
 def format_summary(summary: dict) -> str:

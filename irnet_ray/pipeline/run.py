@@ -30,6 +30,7 @@ from irnet_ray.data.storage import StorageOptions, is_s3
 from . import commit_log as cl
 from .attempts import DEFAULT_MAX_CRASHES, AttemptLedger, retry_options
 from .lease import Lease, LeaseConfig
+from .progress import Progress, quiet_ray_data
 from .resources import PoolPlan
 from .stages import decode_images, write_file
 
@@ -128,17 +129,28 @@ def run_pipeline(
     *,
     max_crashes: int = DEFAULT_MAX_CRASHES,
     log: Callable[[str], None] = lambda message: None,
+    stage: str = "pipeline",
+    total: int | None = None,
+    verbose: bool = False,
 ) -> int:
     """Stream ``pending`` (records, an image table of :mod:`irnet_ray.data.columnar`, or a Dataset
     of its rows: :meth:`.inputs.StreamPlan.dataset`) through the pipeline and commit every file as
     it arrives; returns the number of commits made. An image that ends its worker process
-    ``max_crashes`` times becomes a ``crashed_worker`` error row (:mod:`.attempts`)."""
+    ``max_crashes`` times becomes a ``crashed_worker`` error row (:mod:`.attempts`).
+
+    Progress goes to ``log`` as lines (:class:`.progress.Progress`: ``stage``, images done of
+    ``total``, images/s, ETA); Ray Data's own progress output is off unless ``verbose``."""
     check_local_output(committer.output, committer.allow_local_output_on_cluster)
+    quiet_ray_data(verbose)
+    if total is None:
+        total = len(pending) if not isinstance(pending, ray.data.Dataset) else 0
     ledger = AttemptLedger.remote()
+    progress = Progress(stage, total, log)
     try:
         ds = _dataset(pending, spec, plan, {"ledger": ledger, "max_crashes": int(max_crashes)})
-        return _commit_stream(ds, committer)
+        return _commit_stream(ds, committer, progress)
     finally:
+        progress.close()
         ray.kill(ledger)
 
 
@@ -184,14 +196,16 @@ def _dataset(pending: "Sequence[ImageRecord] | pa.Table | ray.data.Dataset", spe
                           **retry_options(0, 1, actor=False))  # fmt: skip
 
 
-def _commit_stream(ds, committer: cl.Committer) -> int:
+def _commit_stream(ds, committer: cl.Committer, progress: Progress) -> int:
     commits = 0
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
         for batch in batches:
             for meta in batch.column("meta").to_pylist():
-                committer.commit(json.loads(meta))
+                meta = json.loads(meta)
+                committer.commit(meta)
                 commits += 1
+                progress.add(len(meta.get("image_ids", ())) + len(meta.get("errors", ())))
     except cl.JobInputError:
         raise
     except Exception as exc:
