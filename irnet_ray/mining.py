@@ -39,6 +39,7 @@ from irnet_ray.model_files import CamModelRef, assert_no_secrets, check_cam_mode
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.attempts import DEFAULT_MAX_CRASHES, guarded
 from irnet_ray.pipeline.inputs import open_image_set, reads_with_ray
+from irnet_ray.pipeline.progress import quiet_ray_data
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import CpuStage, LeaseConfig, PipelineSpec, finish_output, open_output, run_pipeline
 from irnet_ray.pipeline.stages import ERROR_COLUMNS, FINGERPRINT, ModelActor, error_fields, text_of
@@ -175,6 +176,7 @@ def mine_relations_job(
         from irnet_ray.train.ray_train import ensure_ray
 
         ensure_ray(address=ray_address)
+        quiet_ray_data(verbose)
     image_set = open_image_set(records, vocabulary or ClassVocabulary(tuple(cam.vocabulary)), storage_options,
                                columns=manifest_columns, with_ray=with_ray, empty_message=empty)  # fmt: skip
     with open_output(output, job, storage_options, overwrite, run_id, lease=lease,

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -533,9 +534,9 @@ def test_the_bad_input_corpus_ends_labeled_or_in_errors_with_its_reason(ray_clus
 
 
 @pytest.mark.timeout(240)
-def test_cli_labels_and_reports_user_mistakes_in_one_line(ray_cluster, models, tmp_path, capfd):
-    """Also: the run's stderr (captured at the file descriptor, where Ray's loggers write) shows our
-    progress lines and none of Ray Data's progress output."""
+def test_cli_labels_and_reports_user_mistakes_in_one_line(ray_cluster, models, tmp_path, capfd, caplog):
+    """Also: the run's stderr shows our progress lines, and Ray Data logs no progress (INFO)
+    records in the driver (in a terminal Ray prints them by the hundred)."""
     cam_uri, irn_uri, _ = models
     output = tmp_path / "out"
     spec = "builtin:num_images=3,image_size=64x64,num_classes=2"
@@ -549,6 +550,8 @@ def test_cli_labels_and_reports_user_mistakes_in_one_line(ray_cluster, models, t
     assert printed.count("labeled 3 image(s)") == 1  # the summary once, on stdout
     for ray_line in ("logging_progress", "streaming_executor", "Running Dataset", "execution finished"):
         assert ray_line not in captured.err, captured.err
+    ray_data_info = [r.getMessage() for r in caplog.records if r.name.startswith("ray.data") and r.levelno < logging.WARNING]
+    assert ray_data_info == []
     assert json.loads((tmp_path / "summary.json").read_text())["total_labeled"] == 3
     assert (output / "_manifest.json").exists()
 

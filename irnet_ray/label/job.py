@@ -25,6 +25,7 @@ from irnet_ray.model_files import check_model_pair
 from irnet_ray.pipeline import commit_log as cl
 from irnet_ray.pipeline.inputs import open_image_set, reads_with_ray
 from irnet_ray.pipeline.planning import Plan, read_committed
+from irnet_ray.pipeline.progress import quiet_ray_data
 from irnet_ray.pipeline.resources import plan_pool
 from irnet_ray.pipeline.run import (
     LeaseConfig,
@@ -206,6 +207,7 @@ def label_images(
     with_ray = reads_with_ray(images, inputs, dry_run)
     if with_ray:
         ensure_ray(address=ray_address)
+        quiet_ray_data(verbose)  # the set is read and planned by Ray Data: quiet from here on
     image_set = open_image_set(images, vocabulary, storage_options, columns=manifest_columns, with_ray=with_ray,
                                empty_message=_EMPTY)  # fmt: skip
     if dry_run:
