@@ -37,8 +37,9 @@ from tests.conftest import FAKE_ACCESS_KEY, FAKE_REGION, FAKE_SECRET_KEY
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IMAGES = 8
-#: the pipeline test (cluster start ~20 s, job ~120 s on an idle 2-core machine, ~200 s at load 12, teardown ~10 s)
-PIPELINE_TIMEOUT_S = 360
+#: the pipeline test with the cluster's start: measured 296 s at load 15-20 from other work on the 2-core
+#: machine (job 281 s), 360 s at load 17 (stages 321 s); the same job on one idle-ish node: 156 s of stages
+PIPELINE_TIMEOUT_S = 600
 #: the smallest settings that run every stage (seconds per stage on 2 cores)
 TINY = [
     "--images", f"builtin:num_images={IMAGES},image_size=64x64,num_classes=2",
@@ -207,7 +208,10 @@ def _labels_json(cluster, bucket: str, key: str) -> dict:
 
 @pytest.mark.timeout(60)
 def test_a_job_without_the_token_is_refused(cluster, tmp_path):
-    jobs_before = _get_json(f"{cluster.address}/api/jobs/", cluster.token)
+    def submissions() -> set:
+        return {job["submission_id"] for job in _get_json(f"{cluster.address}/api/jobs/", cluster.token)}
+
+    before = submissions()
     no_token = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
     no_token["HOME"] = str(tmp_path)  # and no ~/.ray/auth_token
     refused = _submit(cluster.address, no_token, "-c", "print('ran')", log=tmp_path / "1.log", timeout=60)
@@ -223,7 +227,7 @@ def test_a_job_without_the_token_is_refused(cluster, tmp_path):
     refused = _submit(cluster.address, wrong, "-c", "print('ran')", log=tmp_path / "3.log", timeout=60)
     assert refused.returncode != 0
     assert "Forbidden: Invalid authentication token" in refused.output, refused.output
-    assert _get_json(f"{cluster.address}/api/jobs/", cluster.token) == jobs_before  # no job was created
+    assert submissions() == before  # no job was created
 
 
 # --------------------------------------------------------------------------------------------
