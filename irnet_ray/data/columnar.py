@@ -311,15 +311,7 @@ def _manifest_chunks(uri: str, fmt: str, options: StorageOptions,
     the file's bytes dropped before the rows are sliced."""
     import pyarrow.parquet as pq
 
-    fs, path = resolve(uri, options)
-    with _translating(uri, options):
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(path)
-        if info.type == pafs.FileType.Directory:
-            raise IsADirectoryError(path)
-    if not info.size:
-        raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
+    fs, path = manifest_file(uri, options)
     if fmt == "parquet":
         try:
             with _translating(uri, options):
@@ -352,6 +344,38 @@ def _manifest_chunks(uri: str, fmt: str, options: StorageOptions,
             yield first + 1, table.slice(first, CHUNK_ROWS)
 
     return names, table_chunks
+
+
+def manifest_format(uri: str) -> str:
+    """``"parquet"``, ``"csv"`` or ``"jsonl"`` from the manifest's file name; others raise."""
+    fmt = _MANIFEST_FORMATS.get(posixpath.splitext(uri.lower().rstrip("/"))[1])
+    if fmt is None:
+        raise ManifestError(f"manifest {uri}: unsupported file type; use .parquet, .csv, .jsonl (or .json)")
+    return fmt
+
+
+def manifest_file(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
+    """(file system, path) of the manifest at ``uri``, checked: a file (not absent, not a
+    folder) with some bytes."""
+    fs, path = resolve(uri, options)
+    with _translating(uri, options):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        if info.type == pafs.FileType.Directory:
+            raise IsADirectoryError(path)
+    if not info.size:
+        raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
+    return fs, path
+
+
+def check_manifest_columns(uri: str, names: Sequence[str], image_column: str, classes_column: str) -> None:
+    """Raise naming the required columns ``names`` lacks (and the columns there are)."""
+    missing = [c for c in (image_column, classes_column) if c not in names]
+    if missing:
+        raise ManifestError(f"manifest {uri}: missing required column(s) {', '.join(map(repr, missing))}; found "
+                            f"columns: {', '.join(map(repr, names)) or '(none)'}; pass image_column= / "
+                            "classes_column= to use other names")  # fmt: skip
 
 
 def _text(table: pa.Table, column: str) -> pa.Array:
@@ -392,16 +416,10 @@ def read_manifest_table(
     holds its result, the manifest's rows (none of them for Parquet) and one chunk's
     intermediates; without a ``vocabulary`` the class column is read once more first."""
     uri = os.fspath(uri)
-    fmt = _MANIFEST_FORMATS.get(posixpath.splitext(uri.lower().rstrip("/"))[1])
-    if fmt is None:
-        raise ManifestError(f"manifest {uri}: unsupported file type; use .parquet, .csv, .jsonl (or .json)")
+    fmt = manifest_format(uri)
     wanted = (image_column, id_column, classes_column, semantic_column, instance_column)
     names, chunks = _manifest_chunks(uri, fmt, options, wanted)
-    missing = [c for c in (image_column, classes_column) if c not in names]
-    if missing:
-        raise ManifestError(f"manifest {uri}: missing required column(s) {', '.join(map(repr, missing))}; found "
-                            f"columns: {', '.join(map(repr, names)) or '(none)'}; pass image_column= / "
-                            "classes_column= to use other names")  # fmt: skip
+    check_manifest_columns(uri, names, image_column, classes_column)
     if vocabulary is None:
         vocabulary = _vocabulary_of(chunks(), uri, classes_column, image_column)
     base = parent(uri)

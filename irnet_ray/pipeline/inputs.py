@@ -37,7 +37,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import ray
 from ray.data.expressions import col
 
@@ -69,7 +68,6 @@ from irnet_ray.data.storage import (
     StorageUnreachable,
     _translating,
     parent,
-    resolve,
 )
 
 from .planning import Plan, key_column, plan_table
@@ -163,19 +161,10 @@ def _manifest_dataset(uri: str, options: StorageOptions, vocabulary: ClassVocabu
     import pyarrow.parquet as pq
 
     uri = os.fspath(uri)
-    fmt = _MANIFEST_FORMATS.get(posixpath.splitext(uri.lower().rstrip("/"))[1])
-    if fmt is None:
-        raise ManifestError(f"manifest {uri}: unsupported file type; use .parquet, .csv, .jsonl (or .json)")
+    fmt = columnar.manifest_format(uri)
     wanted = (image_column, id_column, classes_column, semantic_column, instance_column)
-    fs, path = resolve(uri, options)
+    fs, path = columnar.manifest_file(uri, options)
     with _translating(uri, options):
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(path)
-        if info.type == pafs.FileType.Directory:
-            raise IsADirectoryError(path)
-        if not info.size:
-            raise EmptyImageSetError(f"manifest {uri} is empty (no rows)")
         if fmt == "parquet":
             try:
                 names = pq.read_schema(fs.open_input_file(path)).names
@@ -194,23 +183,15 @@ def _manifest_dataset(uri: str, options: StorageOptions, vocabulary: ClassVocabu
             names = None  # JSON rows may each name other keys: checked per block
             raw = ray.data.read_json(path, filesystem=fs, file_extensions=None)
     if names is not None:
-        _check_columns(uri, names, image_column, classes_column)
+        columnar.check_manifest_columns(uri, names, image_column, classes_column)
     kwargs = {"uri": uri, "fmt": fmt, "base": parent(uri), "vocabulary": vocabulary, "columns": wanted,
               "options": options}  # fmt: skip
     return raw.map_batches(_normalize_block, batch_size=columnar.CHUNK_ROWS, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
-def _check_columns(uri: str, names: list[str], image_column: str, classes_column: str) -> None:
-    missing = [c for c in (image_column, classes_column) if c not in names]
-    if missing:
-        raise ManifestError(f"manifest {uri}: missing required column(s) {', '.join(map(repr, missing))}; found "
-                            f"columns: {', '.join(map(repr, names)) or '(none)'}; pass image_column= / "
-                            "classes_column= to use other names")  # fmt: skip
-
-
 def _normalize_block(batch: pa.Table, uri: str, fmt: str, base: str, vocabulary: ClassVocabulary,
                      columns: tuple[str, ...], options: StorageOptions) -> pa.Table:  # fmt: skip
-    _check_columns(uri, batch.column_names, columns[0], columns[2])
+    columnar.check_manifest_columns(uri, batch.column_names, columns[0], columns[2])
     table = columnar._normalize_chunk(batch.select([c for c in columns if c in batch.column_names]), None, uri, base,
                                       vocabulary, columns)  # fmt: skip
     return _with_hash(add_fingerprints(table, options))
