@@ -667,6 +667,130 @@ def _add_train_irn_parser(commands) -> None:
     parser.set_defaults(handler=run)
 
 
+def _add_downstream_training_flags(parser, train) -> None:
+    """The flags train-deeplab and train-maskrcnn share (``train``: the job's config defaults)."""
+    parser.add_argument("--labels", required=True, help="the --output folder of a finished `irnet-ray label` run")
+    parser.add_argument("--storage", required=True, help="run storage: local folder or s3://bucket/prefix")
+    parser.add_argument("--run-name", required=True, help="run name; rerunning with the same name resumes")
+    parser.add_argument("--backbone-weights", default=None,
+                        help="a torchvision ResNet-50 state dict (.pth, local or s3://) the backbone starts from "
+                             "(default: from scratch)")
+    parser.add_argument("--epochs", type=int, default=train.epochs)
+    parser.add_argument("--batch-size", type=int, default=train.batch_size, help="per worker")
+    parser.add_argument("--lr", type=float, default=train.lr)
+    parser.add_argument("--max-side", type=int, default=None, help="downscale images (and targets) to this long side")
+    parser.add_argument("--seed", type=int, default=train.seed)
+
+
+def _run_downstream_training(command: str, args, job_function, train_cfg) -> int:
+    """Check the labels (no Ray needed), start Ray, train; one summary line."""
+
+    def job() -> int:
+        from irnet_ray.downstream.runs import open_labels
+
+        run_options = _run_options(args)
+        open_labels(args.labels, _storage_options(args))  # an unfinished or empty run fails before Ray starts
+        _connect(args)
+        summary = job_function(args.labels, train=train_cfg, scaling=_scaling(args), run=run_options,
+                               storage_options=_storage_options(args), max_side=args.max_side,
+                               cache_decoded=not args.stream)  # fmt: skip
+        last = summary["final_metrics"]
+        return _finish(command, summary, args, [
+            f"{summary['kind']} model: {summary['model_uri']}"
+            + (" (already complete)" if summary.get("already_complete") else ""),
+            f"  {summary['images']} images, {len(summary['history'])} epochs, final loss {last.get('loss', float('nan')):.4f}"
+            + (f", resumed from epoch {summary['resumed_from_epoch']}" if summary.get("resumed_from_epoch") else ""),
+            *_error_lines(summary["errors"]),
+        ])  # fmt: skip
+
+    return _run_job(command, args, job)
+
+
+def _add_train_deeplab_parser(commands) -> None:
+    from irnet_ray.config import DeepLabTrainConfig
+
+    train = DeepLabTrainConfig()
+    parser = commands.add_parser(
+        "train-deeplab",
+        help="train torchvision's DeepLabv3 (ResNet-50) on the semantic pseudo masks with Ray Train",
+        description=(
+            "Train deeplabv3_resnet50 on the class-index maps of a finished labeling run (the files its "
+            "_manifest.json lists; 255 is ignored by the loss) with Ray Train: DDP workers, a checkpoint every "
+            "epoch under STORAGE/RUN_NAME, and a rerun with the same run name resumes. The final model is "
+            "written to STORAGE/RUN_NAME/model/. See docs/downstream.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_downstream_training_flags(parser, train)
+    parser.add_argument("--crop", type=int, default=train.crop_size)
+    parser.add_argument("--rescale", default="%g,%g" % train.rescale, help="random rescale factor MIN,MAX")
+    parser.add_argument("--no-aux-loss", action="store_true", help="no auxiliary head (torchvision's reference has it)")
+    parser.add_argument("--ignore-below", type=float, default=train.ignore_below,
+                        help="pixels of instances scoring below this are ignored (255)")
+    _add_worker_flags(parser)
+    _add_storage_flags(parser)
+
+    def run(args) -> int:
+        from irnet_ray.train.ray_train import train_deeplab_job
+
+        try:
+            rescale = _numbers("--rescale", args.rescale, float)
+            if len(rescale) != 2:
+                raise ValueError(f"--rescale must be MIN,MAX, got {args.rescale!r}")
+            train_cfg = dataclasses.replace(
+                train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop,
+                rescale=rescale, aux_loss=not args.no_aux_loss, ignore_below=args.ignore_below,
+                backbone_weights=args.backbone_weights, seed=args.seed)  # fmt: skip
+        except ValueError as error:
+            return _fail("train-deeplab", error)
+        return _run_downstream_training("train-deeplab", args, train_deeplab_job, train_cfg)
+
+    parser.set_defaults(handler=run)
+
+
+def _add_train_maskrcnn_parser(commands) -> None:
+    from irnet_ray.config import MaskRcnnTrainConfig
+
+    train = MaskRcnnTrainConfig()
+    parser = commands.add_parser(
+        "train-maskrcnn",
+        help="train torchvision's Mask R-CNN (ResNet-50 FPN) on the instance pseudo masks with Ray Train",
+        description=(
+            "Train maskrcnn_resnet50_fpn on the instances of a finished labeling run (the files its "
+            "_manifest.json lists; instances below --score-threshold or --min-area dropped, boxes from the "
+            "masks) with Ray Train: DDP workers, a checkpoint every epoch under STORAGE/RUN_NAME, and a rerun "
+            "with the same run name resumes. The final model is written to STORAGE/RUN_NAME/model/. See "
+            "docs/downstream.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_downstream_training_flags(parser, train)
+    parser.add_argument("--min-size", type=int, default=train.min_size, help="the model resizes images to this short side")
+    parser.add_argument("--max-size", type=int, default=train.max_size, help="... and at most this long side")
+    parser.add_argument("--score-threshold", type=float, default=train.score_threshold,
+                        help="drop instances scoring below this (0 marks tiny fragments)")
+    parser.add_argument("--min-area", type=int, default=train.min_area, help="drop instances smaller than this (pixels)")
+    parser.add_argument("--trainable-backbone-layers", type=int, default=None,
+                        help="backbone stages trained, 0-5 (default: 5 from scratch, 3 with --backbone-weights)")
+    _add_worker_flags(parser)
+    _add_storage_flags(parser)
+
+    def run(args) -> int:
+        from irnet_ray.train.ray_train import train_maskrcnn_job
+
+        try:
+            train_cfg = dataclasses.replace(
+                train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_size=args.min_size,
+                max_size=args.max_size, score_threshold=args.score_threshold, min_area=args.min_area,
+                trainable_backbone_layers=args.trainable_backbone_layers, backbone_weights=args.backbone_weights,
+                seed=args.seed)  # fmt: skip
+        except ValueError as error:
+            return _fail("train-maskrcnn", error)
+        return _run_downstream_training("train-maskrcnn", args, train_maskrcnn_job, train_cfg)
+
+    parser.set_defaults(handler=run)
+
+
 def _add_label_parser(commands) -> None:
     from irnet_ray.label.config import LabelJobConfig
 
@@ -955,6 +1079,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_cam_parser(commands)
     _add_mine_relations_parser(commands)
     _add_train_irn_parser(commands)
+    _add_train_deeplab_parser(commands)
+    _add_train_maskrcnn_parser(commands)
     _add_label_parser(commands)
     _add_visualize_parser(commands)
     _add_export_parser(commands)

@@ -181,6 +181,85 @@ class IrnTrainConfig:
         _check_crop_padding(self.crop_padding)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeepLabTrainConfig:
+    """``irnet-ray train-deeplab``: torchvision's ``deeplabv3_resnet50`` on the semantic pseudo masks.
+
+    Defaults follow torchvision's segmentation reference (SGD lr 0.01, momentum 0.9, weight
+    decay 1e-4, poly decay 0.9, 30 epochs, crops of 480 after a random rescale of 0.5-2x, auxiliary
+    loss weighted 0.5), ``batch_size`` per worker. Pixels labeled 255 are ignored by the loss.
+    """
+
+    epochs: int = 30
+    batch_size: int = 4
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    crop_size: int = 480
+    rescale: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    crop_padding: str = "mean"  # as CamTrainConfig; the padded pixels are ignored (255)
+    antialias: bool = True  # as CamTrainConfig
+    aux_loss: bool = True
+    aux_weight: float = 0.5
+    # Pixels of instances scoring below this become 255 (irnet_ray.downstream.runs.semantic_labels);
+    # None: the semantic map as labeled.
+    ignore_below: float | None = None
+    # A ResNet-50 state dict (local file or s3:// URI) the backbone starts from; None: from scratch.
+    backbone_weights: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_crop_padding(self.crop_padding)
+        _check_training(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRcnnTrainConfig:
+    """``irnet-ray train-maskrcnn``: torchvision's ``maskrcnn_resnet50_fpn`` on the instance pseudo masks.
+
+    Defaults follow torchvision's detection reference (SGD lr 0.02 for 8 workers x 2 images,
+    momentum 0.9, weight decay 1e-4, 26 epochs, images resized to 800-1333, horizontal flips),
+    except the schedule: the poly decay of the other stages instead of steps at epochs 16 and 22
+    and a warm-up. Scale ``lr`` with the total batch (0.0025 for one worker of 2 images).
+    """
+
+    epochs: int = 26
+    batch_size: int = 2
+    lr: float = 0.02
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    min_size: int = 800
+    max_size: int = 1333
+    hflip: bool = True
+    # Target filters (irnet_ray.downstream.runs.DEFAULT_SCORE_THRESHOLD / DEFAULT_MIN_AREA and why).
+    score_threshold: float = 0.05
+    min_area: int = 16
+    # Backbone stages trained (0-5); None: torchvision's rule, 5 from scratch, 3 from backbone_weights.
+    trainable_backbone_layers: int | None = None
+    # A ResNet-50 state dict (local file or s3:// URI) the backbone starts from; None: from scratch.
+    backbone_weights: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_training(self)
+        if not 0 < int(self.min_size) <= int(self.max_size):
+            raise ValueError(f"need 0 < min_size <= max_size, got {self.min_size}, {self.max_size}")
+        layers = self.trainable_backbone_layers
+        if layers is not None and not 0 <= int(layers) <= 5:
+            raise ValueError(f"trainable_backbone_layers must be 0..5 (or None), got {layers}")
+
+
+def _check_training(config: Any) -> None:
+    for name in ("epochs", "batch_size"):
+        if int(getattr(config, name)) < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be >= 1, got {getattr(config, name)}")
+    if float(config.lr) <= 0:
+        raise ValueError(f"{type(config).__name__}.lr must be > 0, got {config.lr}")
+
+
 def _check_crop_padding(value: str) -> None:
     if value not in CROP_PADDINGS:
         raise ValueError(f"crop_padding must be one of {', '.join(CROP_PADDINGS)}, got {value!r}")

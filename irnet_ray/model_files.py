@@ -5,7 +5,8 @@ A model folder (local path, ``file://`` or ``s3://`` URI) holds
 * ``model.pt``: a plain state dict (parameter name -> tensor) written by ``torch.save``.
   It is read back with ``torch.load(..., weights_only=True)`` only: loading never unpickles
   arbitrary objects, so a model folder from an untrusted place cannot run code.
-* ``model.json``: what the weights are: ``kind`` (``"cam"`` or ``"irn"``), the settings that
+* ``model.json``: what the weights are: ``kind`` (``"cam"``, ``"irn"``, or ``"deeplab"`` / ``"maskrcnn"``
+  for the models trained on the pseudo masks), the settings that
   produced them (``config``, plain JSON), the class vocabulary, the per-epoch metrics, the
   creation time, the ``irnet_ray`` version and ``extra`` (for IRNet the mean displacement, which
   also lives in the state dict as the buffer ``mean_displacement``).
@@ -68,7 +69,7 @@ __all__ = [
 
 MODEL_WEIGHTS = "model.pt"
 MODEL_META = "model.json"
-MODEL_KINDS = ("cam", "irn")
+MODEL_KINDS = ("cam", "irn", "deeplab", "maskrcnn")  # the last two: trained on the pseudo masks
 FORMAT_VERSION = 1
 
 _SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|access_key|private_key", re.IGNORECASE)

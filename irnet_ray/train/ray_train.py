@@ -67,7 +67,9 @@ from irnet_ray import model_files
 from irnet_ray.config import (
     BackboneConfig,
     CamTrainConfig,
+    DeepLabTrainConfig,
     IrnTrainConfig,
+    MaskRcnnTrainConfig,
     RelationConfig,
     config_from_dict,
     config_to_dict,
@@ -85,6 +87,7 @@ from irnet_ray.data.storage import (
     resolve,
     write_bytes,
 )
+from irnet_ray.train import downstream
 
 __all__ = [
     "ScalingOptions",
@@ -93,6 +96,8 @@ __all__ = [
     "ensure_ray",
     "train_cam_job",
     "train_irn_job",
+    "train_deeplab_job",
+    "train_maskrcnn_job",
     "train_loop_per_worker",
 ]
 
@@ -336,18 +341,165 @@ def _lockstep(batches, world: int):
         yield good, failed, not any_bad
 
 
+class _CamTask:
+    """CAM: multi-label soft margin on image-level labels (:mod:`irnet_ray.train.cam`)."""
+
+    def __init__(self, config: dict, device) -> None:
+        from irnet_ray.models.cam import CamNet
+
+        self.cfg = config_from_dict(CamTrainConfig, config["train"])
+        self.num_classes = int(config["num_classes"])
+        torch.manual_seed(self.cfg.seed)
+        self.net: torch.nn.Module = CamNet(config_from_dict(BackboneConfig, config["backbone"]), self.num_classes)
+
+    def optimizer(self, inner, total_steps: int):
+        from irnet_ray.train.cam import cam_optimizer
+
+        return cam_optimizer(inner, self.cfg, total_steps)
+
+    def start_epoch(self, epoch: int, rank: int) -> None:
+        pass
+
+    def step(self, model, rows: list[dict], rng: np.random.Generator, device):
+        from irnet_ray.train.cam import cam_loss
+
+        batch = _prepare_cam(rows, rng, self.cfg, self.num_classes)
+        return cam_loss(model, batch["image"].to(device), batch["labels"].to(device).float()), {}
+
+    def lr(self, optimizer) -> float:  # the head's rate (the backbone runs at lr * backbone_lr_scale)
+        return optimizer.param_groups[-1]["lr"]
+
+    def end_of_training(self, shard, inner, world: int, device, metrics: dict) -> None:
+        pass
+
+
+class _IrnTask:
+    """IRNet on the frozen backbone of a CAM model (:mod:`irnet_ray.train.irn`)."""
+
+    def __init__(self, config: dict, device) -> None:
+        from irnet_ray.models.irnet import IRNet
+
+        self.cfg = config_from_dict(IrnTrainConfig, config["train"])
+        self.relations = config_from_dict(RelationConfig, config["relations"])
+        options = StorageOptions(**config["storage_options"])
+        cam, _ = model_files.load_cam_model(config["cam_model"], options)
+        self.backbone = cam.backbone.to(device).eval().requires_grad_(False)
+        torch.manual_seed(self.cfg.seed)
+        self.net: torch.nn.Module = IRNet(self.backbone.channels)
+
+    def optimizer(self, inner, total_steps: int):
+        from irnet_ray.train.irn import irn_optimizer
+
+        return irn_optimizer(inner, self.cfg, total_steps)
+
+    def start_epoch(self, epoch: int, rank: int) -> None:
+        pass
+
+    def step(self, model, rows: list[dict], rng: np.random.Generator, device):
+        from irnet_ray.train.irn import irn_step_losses
+
+        batch = _prepare_irn(rows, rng, self.cfg)
+        losses = irn_step_losses(self.backbone, model, batch["image"].to(device), batch["labels"].to(device),
+                                 self.relations.radius)  # fmt: skip
+        return losses.total, {k: v for k, v in losses.as_floats().items() if k != "total"}
+
+    def lr(self, optimizer) -> float:
+        return optimizer.param_groups[0]["lr"]
+
+    def end_of_training(self, shard, inner, world: int, device, metrics: dict) -> None:
+        """Mean displacement over the (un-augmented) training images of all workers."""
+        from irnet_ray.data.transforms import to_chw_tensor
+        from irnet_ray.models.irnet import pad_to_multiple
+        from irnet_ray.train.irn import mean_displacement
+
+        total, count = torch.zeros(2, dtype=torch.float64), 0
+        for batch in shard.iter_batches(batch_size=self.cfg.batch_size, batch_format="numpy"):
+            for row in _batch_rows(batch):
+                if row["error"]:
+                    continue
+                image = pad_to_multiple(to_chw_tensor(row_image(row))[None])
+                total += mean_displacement(self.backbone, inner, [image], device).double().cpu()
+                count += 1
+        reduced_md = _all_reduce([float(total[0]), float(total[1]), float(count)], world)
+        mean = torch.tensor(reduced_md[:2], dtype=torch.float32) / max(reduced_md[2], 1.0)
+        inner.mean_displacement.copy_(mean.to(inner.mean_displacement.device))
+        metrics["mean_displacement"] = [float(v) for v in mean]
+
+
+class _DownstreamTask:
+    """A torchvision model trained on the pseudo masks (:mod:`irnet_ray.train.downstream`).
+
+    The torch generator is reseeded from (seed, epoch, rank) at every epoch, as the numpy one
+    is: the models draw from it (dropout, Mask R-CNN's box sampling), and a run resumed from a
+    checkpoint then draws what an uninterrupted one would.
+    """
+
+    config_class: type = DeepLabTrainConfig
+
+    def __init__(self, config: dict, device) -> None:
+        self.cfg = config_from_dict(self.config_class, config["train"])
+        self.num_classes = int(config["num_classes"])
+        state = None
+        if self.cfg.backbone_weights:
+            options = StorageOptions(**config["storage_options"])
+            state = downstream.load_backbone_state(self.cfg.backbone_weights, options)
+        torch.manual_seed(self.cfg.seed)
+        self.net: torch.nn.Module = self.build_model(self.num_classes, self.cfg, state)
+
+    @staticmethod
+    def build_model(num_classes: int, cfg, backbone_state):
+        raise NotImplementedError
+
+    def optimizer(self, inner, total_steps: int):
+        return downstream.downstream_optimizer(inner, self.cfg, total_steps)
+
+    def start_epoch(self, epoch: int, rank: int) -> None:
+        torch.manual_seed((self.cfg.seed * 100_003 + epoch * 1_009 + rank) % 2**63)
+
+    def lr(self, optimizer) -> float:
+        return optimizer.param_groups[0]["lr"]
+
+    def end_of_training(self, shard, inner, world: int, device, metrics: dict) -> None:
+        pass
+
+
+class _DeepLabTask(_DownstreamTask):
+    config_class = DeepLabTrainConfig
+    build_model = staticmethod(downstream.build_deeplab)
+
+    def step(self, model, rows: list[dict], rng: np.random.Generator, device):
+        # BatchNorm of the pooling branch needs two samples: one image is cropped twice.
+        batch = downstream.prepare_semantic(rows if len(rows) > 1 else rows * 2, rng, self.cfg)
+        images, labels = batch["image"].to(device), batch["labels"].to(device)
+        return downstream.deeplab_loss(model, images, labels, self.cfg.aux_weight)
+
+
+class _MaskRcnnTask(_DownstreamTask):
+    config_class = MaskRcnnTrainConfig
+    build_model = staticmethod(downstream.build_maskrcnn)
+
+    def step(self, model, rows: list[dict], rng: np.random.Generator, device):
+        images, targets = downstream.prepare_instance(rows, rng, self.cfg)
+        return downstream.maskrcnn_loss(model, images, targets, device)
+
+
+#: kind -> (task class, the training set's name in messages, DDP options of prepare_model)
+_TASKS: dict[str, tuple[type, str, dict | None]] = {
+    "cam": (_CamTask, "CAM training set", None),
+    "irn": (_IrnTask, "IRNet training set", None),
+    "deeplab": (_DeepLabTask, "DeepLab training set", None),
+    # Images without a kept instance leave parts of the heads out of the graph.
+    "maskrcnn": (_MaskRcnnTask, "Mask R-CNN training set", {"find_unused_parameters": True}),
+}
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train loop of both stages (``config["kind"]`` is ``"cam"`` or ``"irn"``).
+    """The Ray Train loop of every stage (``config["kind"]``: ``"cam"``, ``"irn"``, ``"deeplab"``
+    or ``"maskrcnn"``; what differs between them is its task in :data:`_TASKS`).
 
     ``config`` is plain data built by the driver: stage settings as dicts, ``total_steps`` of
     the poly schedule, the number of classes, for IRNet the CAM model URI and storage options.
     """
-    from irnet_ray.data.transforms import to_chw_tensor
-    from irnet_ray.models.cam import CamNet
-    from irnet_ray.models.irnet import IRNet, pad_to_multiple
-    from irnet_ray.train.cam import cam_loss, cam_optimizer
-    from irnet_ray.train.irn import irn_optimizer, irn_step_losses, mean_displacement
-
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(int(config.get("torch_threads", 1)))
@@ -355,19 +507,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     session = uuid.uuid4().hex[:8]
 
-    if kind == "cam":
-        cfg = config_from_dict(CamTrainConfig, config["train"])
-        torch.manual_seed(cfg.seed)
-        net: torch.nn.Module = CamNet(config_from_dict(BackboneConfig, config["backbone"]), int(config["num_classes"]))
-        backbone = None
-    else:
-        cfg = config_from_dict(IrnTrainConfig, config["train"])
-        relations = config_from_dict(RelationConfig, config["relations"])
-        options = StorageOptions(**config["storage_options"])
-        cam, _ = model_files.load_cam_model(config["cam_model"], options)
-        backbone = cam.backbone.to(device).eval().requires_grad_(False)
-        torch.manual_seed(cfg.seed)
-        net = IRNet(backbone.channels)
+    task_class, _, ddp_kwargs = _TASKS[kind]
+    task = task_class(config, device)
+    cfg, net = task.cfg, task.net
 
     start_epoch, history, state = 0, [], None
     checkpoint = ray.train.get_checkpoint()
@@ -377,13 +519,13 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, history = int(meta["epochs_done"]), list(meta["history"])
     resumed_from = start_epoch if checkpoint is not None else None
 
-    model = ray.train.torch.prepare_model(net)
+    if ddp_kwargs:
+        model = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_kwargs)
+    else:
+        model = ray.train.torch.prepare_model(net)
     inner = getattr(model, "module", model)
     total_steps = int(config["total_steps"])
-    if kind == "cam":
-        optimizer, scheduler = cam_optimizer(inner, cfg, total_steps)
-    else:
-        optimizer, scheduler = irn_optimizer(inner, cfg, total_steps)
+    optimizer, scheduler = task.optimizer(inner, total_steps)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -391,6 +533,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch, rank])
+        task.start_epoch(epoch, rank)
         model.train()
         started = time.perf_counter()
         sums: dict[str, float] = collections.defaultdict(float)
@@ -407,16 +550,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not step:
                 skipped += 1
                 continue
-            if kind == "cam":
-                batch = _prepare_cam(good, rng, cfg, int(config["num_classes"]))
-                loss = cam_loss(model, batch["image"].to(device), batch["labels"].to(device).float())
-                parts = {}
-            else:
-                batch = _prepare_irn(good, rng, cfg)
-                losses = irn_step_losses(backbone, model, batch["image"].to(device), batch["labels"].to(device),
-                                         relations.radius)  # fmt: skip
-                loss = losses.total
-                parts = {k: v for k, v in losses.as_floats().items() if k != "total"}
+            loss, parts = task.step(model, good, rng, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -440,7 +574,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch,
             "loss": reduced.get("loss", 0.0) / max(all_steps, 1),
             **{n: reduced[n] / max(all_steps, 1) for n in names if n != "loss"},
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": task.lr(optimizer),
             "images_per_second": all_images / max(elapsed, 1e-9),
             "images": all_images,
             "errors": all_errors,
@@ -448,28 +582,14 @@ def train_loop_per_worker(config: dict) -> None:
             "skipped_steps": all_skipped,
             "seconds": elapsed,
         }
-        if kind == "cam":  # the head's rate (the backbone runs at lr * backbone_lr_scale)
-            metrics["lr"] = optimizer.param_groups[-1]["lr"]
         if config.get("collect_errors"):
             gathered = [e for part in _all_gather(failed_entries, world) for e in part]
             metrics["failed_images"] = failed_out = gathered[:_MAX_REPORTED_ERRORS]
         else:
             failed_out = list(config.get("known_errors") or [])
 
-        if kind == "irn" and epoch == cfg.epochs - 1:
-            # Mean displacement over the (un-augmented) training images of all workers.
-            total, count = torch.zeros(2, dtype=torch.float64), 0
-            for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-                for row in _batch_rows(batch):
-                    if row["error"]:
-                        continue
-                    image = pad_to_multiple(to_chw_tensor(row_image(row))[None])
-                    total += mean_displacement(backbone, inner, [image], device).double().cpu()
-                    count += 1
-            reduced_md = _all_reduce([float(total[0]), float(total[1]), float(count)], world)
-            mean = torch.tensor(reduced_md[:2], dtype=torch.float32) / max(reduced_md[2], 1.0)
-            inner.mean_displacement.copy_(mean.to(inner.mean_displacement.device))
-            metrics["mean_displacement"] = [float(v) for v in mean]
+        if epoch == cfg.epochs - 1:
+            task.end_of_training(shard, inner, world, device, metrics)
 
         entry = {k: v for k, v in metrics.items() if k != "failed_images"}
         entry.update(run_id=config["run_id"], session=session, session_start=start_epoch)
@@ -742,6 +862,99 @@ def train_irn_job(
                     prepare, started)  # fmt: skip
 
 
+def train_deeplab_job(
+    labels_uri: str,
+    *,
+    train: DeepLabTrainConfig = DeepLabTrainConfig(),
+    scaling: ScalingOptions = ScalingOptions(),
+    run: RunOptions,
+    storage_options: StorageOptions = StorageOptions(),
+    max_side: int | None = None,
+    cache_decoded: bool = True,
+    decode_cpus: float = rd.DEFAULT_DECODE_CPUS,
+) -> dict:
+    """Train torchvision's ``deeplabv3_resnet50`` on the semantic pseudo masks of the finished
+    labeling output at ``labels_uri`` (only the files its ``_manifest.json`` lists); returns a
+    summary dict. Checkpoints, resume and the final model (kind ``"deeplab"``) as for CAM.
+
+    ``storage_options`` reach the labels, the images and ``train.backbone_weights``. ``max_side``
+    bounds the decoded images (and their maps); ``None``: the labeled size.
+    """
+    return _train_downstream_job("deeplab", labels_uri, train, scaling, run, storage_options, max_side,
+                                 cache_decoded, decode_cpus)  # fmt: skip
+
+
+def train_maskrcnn_job(
+    labels_uri: str,
+    *,
+    train: MaskRcnnTrainConfig = MaskRcnnTrainConfig(),
+    scaling: ScalingOptions = ScalingOptions(),
+    run: RunOptions,
+    storage_options: StorageOptions = StorageOptions(),
+    max_side: int | None = None,
+    cache_decoded: bool = True,
+    decode_cpus: float = rd.DEFAULT_DECODE_CPUS,
+) -> dict:
+    """Train torchvision's ``maskrcnn_resnet50_fpn`` on the instance pseudo masks of the finished
+    labeling output at ``labels_uri`` (instances kept by ``train.score_threshold`` and
+    ``train.min_area``); otherwise as :func:`train_deeplab_job` (model kind ``"maskrcnn"``)."""
+    return _train_downstream_job("maskrcnn", labels_uri, train, scaling, run, storage_options, max_side,
+                                 cache_decoded, decode_cpus)  # fmt: skip
+
+
+def _train_downstream_job(kind: str, labels_uri: str, train, scaling: ScalingOptions, run: RunOptions,
+                          storage_options: StorageOptions, max_side: int | None, cache_decoded: bool,
+                          decode_cpus: float) -> dict:  # fmt: skip
+    import hashlib
+
+    from irnet_ray.downstream.readers import label_dataset_ray
+    from irnet_ray.downstream.runs import open_labels
+    started = time.perf_counter()
+    task_class = _TASKS[kind][0]
+    if not isinstance(train, task_class.config_class):
+        raise TypeError(f"train must be a {task_class.config_class.__name__}, got {type(train).__name__}")
+    # User mistakes first, before anything is written: an unfinished or empty labeling run, and
+    # backbone weights that do not fit.
+    labels = open_labels(labels_uri, storage_options)
+    vocabulary = ClassVocabulary(labels.vocabulary)
+    weights_id = None
+    if train.backbone_weights:
+        data = read_bytes(train.backbone_weights, storage_options)
+        weights_id = "sha256:" + hashlib.sha256(data).hexdigest()
+        # Raises when the weights do not fit the model's backbone.
+        state = downstream.state_dict_of_file(data, train.backbone_weights)
+        task_class.build_model(vocabulary.num_classes, train, state)
+        del data, state
+    task = "semantic" if kind == "deeplab" else "instance"
+    filters = ({"ignore_below": train.ignore_below} if kind == "deeplab"
+               else {"score_threshold": train.score_threshold, "min_area": train.min_area})  # fmt: skip
+    settings = {
+        "kind": kind,
+        "train": config_to_dict(train),
+        "labels": labels.output_uri,
+        "labels_run": {k: labels.manifest.get(k) for k in ("run_id", "settings_id", "written", "rows")},
+        "backbone_weights_id": weights_id,
+        "vocabulary": list(vocabulary.names),
+        "max_side": max_side,
+    }
+
+    def prepare() -> tuple[Any, int, dict]:
+        dataset = label_dataset_ray(labels, columns=downstream.LABEL_COLUMNS).map_batches(
+            downstream.decode_label_batch, batch_size=rd.DEFAULT_DECODE_BATCH, batch_format="pyarrow",
+            num_cpus=decode_cpus,
+            fn_kwargs={"run": labels, "task": task, "options": storage_options, "max_side": max_side, **filters},
+        )  # fmt: skip
+        loop_config = {
+            "train": config_to_dict(train),
+            "num_classes": vocabulary.num_classes,
+            "storage_options": dataclasses.asdict(storage_options),
+        }
+        return dataset, labels.num_images, loop_config
+
+    return _run_job(kind, run, settings, train.epochs, train.batch_size, vocabulary, scaling, cache_decoded,
+                    prepare, started)  # fmt: skip
+
+
 def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size: int, vocabulary: ClassVocabulary,
              scaling: ScalingOptions, cache_decoded: bool, prepare, started: float) -> dict:
     """The driver flow both stages share: return a finished run's model, or resume/train it
@@ -765,8 +978,7 @@ def _run_job(kind: str, run: RunOptions, settings: dict, epochs: int, batch_size
         dataset, rows, loop_config = prepare()
         errors: list[dict] = []
         if cache_decoded:
-            what = "CAM training set" if kind == "cam" else "IRNet training set"
-            dataset, rows, errors = _materialize(dataset, what)
+            dataset, rows, errors = _materialize(dataset, _TASKS[kind][1])
         timings["materialize_seconds"] = time.perf_counter() - t
         steps = _steps_per_epoch(rows, batch_size, scaling.num_workers)
         loop_config.update({
