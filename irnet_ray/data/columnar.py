@@ -576,14 +576,23 @@ def load_table(spec: str, options: StorageOptions = StorageOptions(), vocabulary
     ``manifest:URI`` or a table file; ImageNet-style folders: ``folder:ROOT``), with the
     images' fingerprints; ``None`` for the others (built-in, VOC, bare folders), which the
     caller reads with :func:`~.sources.load_records` (small sets)."""
+    source = columnar_source(spec)
+    if source is None:
+        return None
+    kind, uri = source
+    if kind == "folder":
+        return read_folder_table(uri, options, vocabulary)
+    table, vocabulary = read_manifest_table(uri, options, vocabulary, **kwargs)
+    return add_fingerprints(table, options), vocabulary
+
+
+def columnar_source(spec: str) -> tuple[str, str] | None:
+    """``("folder", ROOT)`` or ``("manifest", URI)`` for the image-set specs that have a columnar
+    reader (here, and by Ray Data in :mod:`irnet_ray.pipeline.inputs`); ``None`` for the others."""
     spec = os.fspath(spec).strip()
     prefix, sep, rest = spec.partition(":")
-    if sep and not rest.startswith("//") and prefix == "folder":
-        return read_folder_table(rest, options, vocabulary)
-    if sep and not rest.startswith("//") and prefix == "manifest":
-        table, vocabulary = read_manifest_table(rest, options, vocabulary, **kwargs)
-    elif posixpath.splitext(spec.lower())[1] in _MANIFEST_FORMATS and not spec.startswith(("builtin", "voc:")):
-        table, vocabulary = read_manifest_table(spec, options, vocabulary, **kwargs)
-    else:
-        return None
-    return add_fingerprints(table, options), vocabulary
+    if sep and not rest.startswith("//") and prefix in ("folder", "manifest"):
+        return prefix, rest
+    if posixpath.splitext(spec.lower())[1] in _MANIFEST_FORMATS and not spec.startswith(("builtin", "voc:")):
+        return "manifest", spec
+    return None

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import posixpath
 import re
 from typing import Any, Iterator
 
@@ -51,7 +50,6 @@ from irnet_ray.data.columnar import (
     table_of_records,
 )
 from irnet_ray.data.sources import (
-    _MANIFEST_FORMATS,
     ClassVocabulary,
     EmptyImageSetError,
     ImageRecord,
@@ -128,15 +126,13 @@ def read_image_dataset(spec: str, options: StorageOptions, vocabulary: ClassVoca
     :func:`~irnet_ray.data.columnar.load_table`); ``None`` for the others. Checks that need no
     rows (the file exists, its columns, the tree's top level) raise here; the rows' own mistakes
     raise when the dataset runs."""
-    spec = os.fspath(spec).strip()
-    prefix, sep, rest = spec.partition(":")
-    if sep and not rest.startswith("//") and prefix == "folder":
-        return _folder_dataset(folder_tree(rest, options), options, vocabulary)
-    if sep and not rest.startswith("//") and prefix == "manifest":
-        return _manifest_dataset(rest, options, vocabulary, **columns)
-    if posixpath.splitext(spec.lower())[1] in _MANIFEST_FORMATS and not spec.startswith(("builtin", "voc:")):
-        return _manifest_dataset(spec, options, vocabulary, **columns)
-    return None
+    source = columnar.columnar_source(spec)
+    if source is None:
+        return None
+    kind, uri = source
+    if kind == "folder":
+        return _folder_dataset(folder_tree(uri, options), options, vocabulary)
+    return _manifest_dataset(uri, options, vocabulary, **columns)
 
 
 def _folder_dataset(tree: FolderTree, options: StorageOptions, vocabulary: ClassVocabulary):
