@@ -206,6 +206,18 @@ def _labels_json(cluster, bucket: str, key: str) -> dict:
     return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
+@pytest.mark.timeout(120)
+def test_a_user_mistake_inside_a_submitted_job_fails_it_with_one_line(cluster, tmp_path):
+    """A submitted stage that meets a user mistake (here an image set that does not exist) ends the
+    job non-zero with the command's one-line message in its logs, not a stack trace."""
+    failed = _submit(cluster.address, cluster.env, "jobs/train_cam.py", "--images", str(tmp_path / "nowhere"),
+                     "--storage", str(tmp_path / "runs"), "--run-name", "cam", "--from-scratch",
+                     log=tmp_path / "job.log", timeout=110)  # fmt: skip
+    assert failed.returncode != 0
+    assert "irnet-ray train-cam: image set not found" in failed.output, failed.output[-3000:]
+    assert "Traceback" not in failed.output
+
+
 @pytest.mark.timeout(60)
 def test_a_job_without_the_token_is_refused(cluster, tmp_path):
     def submissions() -> set:
