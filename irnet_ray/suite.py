@@ -10,8 +10,9 @@ comes out: CAM mIoU, pseudo-label mIoU, AP^r_50/70 of CAM + components, of CAM +
 boundary + components and of the full method, and whether the family meets the targets the
 paper's gains set (:data:`MIOU_GAIN_TARGET`, :data:`AP50_RATIO_TARGET`).
 
-``smoke=True`` runs the same families tiny (12 images of 64 px, one epoch per stage): a check
-that every family runs end to end, not a measurement.
+``smoke=True`` runs the same families tiny (12 images of 64 px, one epoch per stage, 2 panels):
+a check that every family runs end to end, not a measurement. The ``demo`` family's smoke
+configuration is the tiny demo of ``tests/test_demo.py``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def family_config(family: Family, seed: int = 0, smoke: bool = False) -> DemoCon
             cam_inference=CamInferenceConfig(scales=(1.0,)),
             irn_train=IrnTrainConfig(epochs=1, batch_size=6, crop_size=64, seed=seed),
             synthesis=SynthesisConfig(steps=16, displacement_iterations=10),
-            device="cpu", panels=0,
+            device="cpu", panels=2,
         )  # fmt: skip
     demo = DemoConfig()
     base = demo.data if family.name == "demo" else SUITE_DATA

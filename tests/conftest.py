@@ -101,6 +101,14 @@ def s3_denied_credentials(s3_server, s3_env, s3_client, monkeypatch):
         set_moto_auth(s3_server, False)
 
 
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory):
+    """Where the tiny demo runs (``{root}/demo``): the suite's smoke run of its ``demo`` family has
+    the same settings, so after ``tests/test_demo.py`` it resumes from these outputs instead of
+    training again (run alone, it trains)."""
+    return tmp_path_factory.mktemp("tiny-demo")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """Local Ray; the fake AWS settings of ``conftest.s3_env`` are in the environment when Ray

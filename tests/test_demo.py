@@ -13,17 +13,22 @@ REPORT_KEYS = {"cam_miou", "pseudo_miou", "cam_cc_ap50", "ap50", "ap70", "second
 
 
 @pytest.mark.timeout(600)
-def test_tiny_demo_runs_every_stage_on_ray_and_resumes(ray_cluster, tmp_path):
+def test_tiny_demo_runs_every_stage_on_ray_and_resumes(ray_cluster, tiny_demo_root):
+    # The benchmark suite's demo family at smoke size (irnet_ray/suite.py): spelled out here.
     config = DemoConfig(
         data=SyntheticConfig(num_images=12, image_size=(64, 64), num_classes=2, seed=3),
         backbone=BackboneConfig(arch="resnet18", frozen_batchnorm=False, first_trainable_stage=0),
-        cam_train=CamTrainConfig(epochs=1, batch_size=6, crop_size=64, rescale_long_side=(56, 72)),
+        cam_train=CamTrainConfig(epochs=1, batch_size=6, crop_size=64, rescale_long_side=(56, 72), seed=3),
         cam_inference=CamInferenceConfig(scales=(1.0,)),
-        irn_train=IrnTrainConfig(epochs=1, batch_size=6, crop_size=64),
+        irn_train=IrnTrainConfig(epochs=1, batch_size=6, crop_size=64, seed=3),
         synthesis=SynthesisConfig(steps=16, displacement_iterations=10),
         device="cpu",
         panels=2,
     )
+    from irnet_ray.suite import FAMILIES, family_config
+
+    assert family_config(FAMILIES[0], seed=3, smoke=True) == config
+    tmp_path = tiny_demo_root
     lines = []
     report = run_demo(config, workdir=str(tmp_path / "demo"), log=lines.append)
     assert REPORT_KEYS <= set(report)
