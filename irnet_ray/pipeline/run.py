@@ -134,7 +134,7 @@ def run_pipeline(
     verbose: bool = False,
 ) -> int:
     """Stream ``pending`` (records, an image table of :mod:`irnet_ray.data.columnar`, or a Dataset
-    of its rows: :meth:`.inputs.StreamPlan.dataset`) through the pipeline and commit every file as
+    of its rows: :meth:`.inputs.StreamPlan.send`) through the pipeline and commit every file as
     it arrives; returns the number of commits made. An image that ends its worker process
     ``max_crashes`` times becomes a ``crashed_worker`` error row (:mod:`.attempts`).
 
@@ -154,7 +154,8 @@ def run_pipeline(
         ray.kill(ledger)
 
 
-def _dataset(pending: "Sequence[ImageRecord] | pa.Table | ray.data.Dataset", spec: PipelineSpec, plan: PoolPlan, guard: dict):
+def _dataset(pending: "Sequence[ImageRecord] | pa.Table | ray.data.Dataset", spec: PipelineSpec, plan: PoolPlan,
+             guard: dict):  # fmt: skip
     # Ray 2.60 has no named parameters for task retries and actor restarts; its deprecation of
     # ray_remote_args (for 2.64) does not apply to them yet.
     warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
