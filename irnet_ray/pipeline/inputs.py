@@ -166,7 +166,8 @@ def _manifest_dataset(uri: str, options: StorageOptions, vocabulary: ClassVocabu
                 names = pq.read_schema(fs.open_input_file(path)).names
             except (pa.ArrowInvalid, ValueError) as exc:
                 raise columnar._unreadable(uri, fmt, exc) from None
-            raw = ray.data.read_parquet(path, filesystem=fs, columns=[c for c in wanted if c in names])
+            # Only the wanted columns are read: Ray Data pushes the selection down into the reader.
+            raw = ray.data.read_parquet(path, filesystem=fs).select_columns([c for c in wanted if c in names])
         elif fmt == "csv":
             with fs.open_input_stream(path) as stream:
                 head = stream.read(1 << 16)
